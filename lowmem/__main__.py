@@ -127,6 +127,8 @@ def _table1(args: argparse.Namespace) -> int:
 
 def _table(args: argparse.Namespace) -> int:
     csv, md = results.write_tables(args.experiment)
+    if args.experiment == "table1" and results.update_readme("table1"):
+        print("updated the results table in README.md", file=sys.stderr)
     print(md.read_text())
     print(f"wrote {csv} and {md}", file=sys.stderr)
     return 0

@@ -189,5 +189,21 @@ def write_tables(experiment: str, name: str | None = None) -> tuple[Path, Path]:
     return csv, md
 
 
+README_START, README_END = "<!-- table1:start -->", "<!-- table1:end -->"
+
+
+def update_readme(experiment: str = "table1", readme: Path = REPO_ROOT / "README.md") -> bool:
+    """Paste the experiment's table between the README's markers; True if the text changed."""
+    text = readme.read_text()
+    head, sep, rest = text.partition(README_START)
+    _, sep2, tail = rest.partition(README_END)
+    if not (sep and sep2):
+        raise ValueError(f"{readme} lacks the markers {README_START} ... {README_END}")
+    table = markdown_table(cell_frame(load_records(experiment)))
+    new = f"{head}{README_START}\n{table}{README_END}{tail}"
+    readme.write_text(new)
+    return new != text
+
+
 def _stack_order(column: pd.Series) -> pd.Series:
     return column.map(STACK.index) if column.name == "stack" else column

@@ -79,3 +79,19 @@ def test_committed_table1_records_reproduce_every_paper_cell():
         )["status"]
         == "ok"
     )
+
+
+def test_committed_3b_cpu_run_equals_its_simulation_to_the_byte():
+    by_meter = {r["meter"]: r["metrics"] for r in results.load_records("meter_check")}
+    assert by_meter["cpu"]["peak_bytes"] == by_meter["simulated"]["peak_bytes"]
+    assert by_meter["cpu"]["phase_peak_bytes"] == by_meter["simulated"]["phase_peak_bytes"]
+    # the process also holds the interpreter and libraries (~0.5 GiB) beside the tensors
+    rss = by_meter["cpu"]["peak_rss_bytes"]
+    assert by_meter["cpu"]["peak_bytes"] < rss < by_meter["cpu"]["peak_bytes"] + 2**30
+
+
+def test_readme_table_agrees_with_the_records():
+    readme = (results.REPO_ROOT / "README.md").read_text()
+    block = readme.split(results.README_START)[1].split(results.README_END)[0]
+    expected = results.markdown_table(results.cell_frame(results.load_records("table1")))
+    assert block.strip() == expected.strip()
