@@ -18,8 +18,12 @@ def test_notebook_is_committed_without_outputs(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_under_papermill_and_writes_ok_records(path, tmp_path, results_tmp):
     papermill.execute_notebook(
-        str(path), str(tmp_path / path.name), parameters={"experiment": "nbtest"},
-        cwd=str(tmp_path), progress_bar=False, kernel_name="python3",
+        str(path),
+        str(tmp_path / path.name),
+        parameters={"experiment": "nbtest"},
+        cwd=str(tmp_path),
+        progress_bar=False,
+        kernel_name="python3",
     )
     records = list((results_tmp / "raw" / "nbtest").glob("*.json"))
     assert records
