@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from lowmem import paper, results
 from lowmem.memory import METERS, measure_step, meter_context
-from lowmem.models import build_model, count_parameters, get_spec
+from lowmem.models import build_model, count_parameters, get_spec, stored_weight_bytes
 from lowmem.stack import StackConfig, apply_stack, benchmark_batch, stack_context
 
 
@@ -39,11 +39,19 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
                 device = torch.cuda.get_device_name(dev)
             torch.manual_seed(cfg.seed)
             init = "fake" if meter == "simulated" else "random"
-            model = apply_stack(build_model(model_name, init, dev, model_path), cfg)
-            n_params, n_trainable = count_parameters(model)
+            model = build_model(model_name, init, dev, model_path)
+            n_params = count_parameters(model)[0]
+            model = apply_stack(model, cfg)
+            n_trainable = count_parameters(model)[1]
             batch = benchmark_batch(cfg, model.config.vocab_size, dev)
             metrics = measure_step(model, batch, meter)
-            metrics.update(parameters=n_params, trainable_parameters=n_trainable)
+            stored = stored_weight_bytes(model)
+            metrics.update(
+                parameters=n_params,
+                trainable_parameters=n_trainable,
+                stored_weight_bytes=stored,
+                bytes_per_parameter=stored / n_params,
+            )
             del model, batch
         if meter == "simulated" and metrics["peak_bytes"] > paper.A100_BYTES:
             status = "oom"

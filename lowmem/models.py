@@ -163,6 +163,13 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return PreTrainedTokenizerFast(tokenizer_file=str(assets.require(asset) / file))
 
 
+def stored_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the frozen base model as stored (FP32 or packed), each storage counted once."""
+    tensors = model.state_dict(keep_vars=True).values()
+    storages = {t.untyped_storage() for t in tensors if not t.requires_grad}  # by identity
+    return sum(s.nbytes() for s in storages)
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(all parameters, trainable parameters); tied weights counted once."""
     params = {id(p): p for p in model.parameters()}.values()

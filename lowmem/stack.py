@@ -9,6 +9,8 @@ prefix of `STACK`.
 - `lora`: the base is frozen and peft injects rank-r adapters (r=16, alpha=32, q_proj and v_proj
   by default, SPEC §2). Llama-3.2 3B: 28 layers x (16 x (3072 + 3072) + 16 x (3072 + 1024))
   = 4.59e6 trainable parameters, 17.5 MiB; the activations dominate the peak instead.
+- `quantize`: the frozen base (every decoder linear, the embedding and the tied LM head) is
+  stored in INT4 and dequantized per matmul (`lowmem.quantize`): 11.97 -> 1.87 GiB on Llama.
 
 The benchmark batch is the paper's setting: batch 1, T random tokens, and labels that mark the
 last 30% of positions trainable (the rest -100), which only matters once logits masking exists.
@@ -25,8 +27,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.integrations import sdpa_attention
 
+from lowmem.quantize import BACKENDS, BITS, GROUP_SIZES, apply_quantize
+
 STACK = ("baseline", "lora", "quantize", "checkpoint", "softmax_approx", "logits_mask")
-IMPLEMENTED = ("baseline", "lora")
+IMPLEMENTED = ("baseline", "lora", "quantize")
 
 LABELS = {
     "baseline": "FP32 Baseline",
@@ -37,7 +41,7 @@ LABELS = {
     "logits_mask": "+ Logits Masking (30% trainable)",
 }
 
-GQA_MODES = ("repeat_kv", "native")
+GQA_MODES = ("auto", "repeat_kv", "native")
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -61,10 +65,19 @@ class StackConfig:
     """Dropout on the LoRA input path."""
     lora_targets: tuple[str, ...] = field(default=("q_proj", "v_proj"))
     """Linear layers that get adapters, from LINEAR_TARGETS, or ("all-linear",)."""
-    gqa: str = "repeat_kv"
+    quant_bits: int = 4
+    """Bits per quantized base weight: 4 or 8."""
+    quant_group_size: int = 32
+    """Weights sharing one FP32 scale, along the input dimension: 32, 64, 128, or 0 (per row)."""
+    quant_symmetric: bool = True
+    """Symmetric (scale only) or asymmetric (scale + FP32 zero point) quantization."""
+    quant_backend: str = "lowmem"
+    """"lowmem" (the format above) or "bnb-nf4" / "bnb-fp4" (bitsandbytes, decoder linears)."""
+    gqa: str = "auto"
     """Grouped-query attention in SDPA: "repeat_kv" copies the K/V heads up to the query heads
-    before the kernel (transformers' path without native GQA; what Table 1's numbers imply,
-    see experiments/LOG.md); "native" passes enable_gqa=True and copies nothing."""
+    before the kernel; "native" passes enable_gqa=True and copies nothing; "auto" does what
+    Table 1's numbers imply for each row: repeat_kv for baseline and lora, native from quantize
+    on (experiments/LOG.md)."""
     seed: int = 0
     """Seed for random weights, adapter init and the benchmark tokens."""
 
@@ -88,6 +101,19 @@ class StackConfig:
             "a number in (0, 1]",
         )
         _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        _check(self.quant_bits in BITS, "quant_bits", self.quant_bits, f"one of {BITS}")
+        _check(
+            self.quant_group_size in GROUP_SIZES,
+            "quant_group_size",
+            self.quant_group_size,
+            f"one of {GROUP_SIZES} (0 = one group per row)",
+        )
+        _check(
+            self.quant_backend in BACKENDS,
+            "quant_backend",
+            self.quant_backend,
+            f"one of {', '.join(BACKENDS)}",
+        )
         _check(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
         targets = self.lora_targets
         ok = targets == ("all-linear",) or (targets and set(targets) <= set(LINEAR_TARGETS))
@@ -101,6 +127,13 @@ class StackConfig:
     def enabled(self, technique: str) -> bool:
         """Whether `technique` is on in this row of the cumulative stack."""
         return STACK.index(technique) <= STACK.index(self.stack)
+
+    @property
+    def gqa_mode(self) -> str:
+        """The GQA path this row runs: "auto" resolved."""
+        if self.gqa != "auto":
+            return self.gqa
+        return "native" if self.enabled("quantize") else "repeat_kv"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,19 +158,24 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig) -> torch.nn.Module:
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if cfg.enabled("quantize"):
+        apply_quantize(
+            model, cfg.quant_bits, cfg.quant_group_size, cfg.quant_symmetric, cfg.quant_backend
+        )
+    return model
 
 
 @contextlib.contextmanager
 def stack_context(cfg: StackConfig) -> Iterator[None]:
     """Runtime settings of a stack row; enter it around the training step."""
     original = sdpa_attention.use_gqa_in_sdpa
-    if cfg.gqa == "repeat_kv":
+    if cfg.gqa_mode == "repeat_kv":
         # per layer and token this materialises 2 x (query heads x head dim) floats, the K and V
         # copies that SDPA saves for backward: 2 x 3072 x 4 B x 28 layers = 0.66 GiB per 1024
         # tokens on Llama-3.2 3B
         sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: False
-    elif cfg.gqa == "native":
+    else:
         sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
     try:
         yield

@@ -52,8 +52,12 @@ def test_unknown_meter_is_refused():
         StackConfig(stack="baseline", seq_len=96),
         StackConfig(stack="lora", seq_len=96),
         StackConfig(stack="lora", seq_len=33, lora_targets=("all-linear",), gqa="native"),
+        StackConfig(stack="quantize", seq_len=96),
+        StackConfig(
+            stack="quantize", seq_len=40, quant_bits=8, quant_group_size=0, quant_symmetric=False
+        ),
     ],
-    ids=["baseline", "lora", "lora-all-linear-native"],
+    ids=["baseline", "lora", "lora-all-linear-native", "quantize", "quantize-int8-asym"],
 )
 def test_simulated_equals_cpu_to_the_byte(model, cfg):
     real = run_cell(model, cfg, "cpu")

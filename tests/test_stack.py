@@ -12,8 +12,10 @@ from lowmem.stack import STACK, StackConfig, apply_stack, benchmark_batch, stack
     [
         ({"seq_len": 0}, "bad seq_len=0: must be an integer > 0"),
         ({"seq_len": -5}, "bad seq_len=-5"),
-        ({"stack": "lora_plus"}, "bad stack='lora_plus': must be one of baseline, lora"),
-        ({"stack": "quantize"}, "must be an implemented row"),
+        ({"stack": "lora_plus"}, "bad stack='lora_plus': must be one of baseline, lora, quantize"),
+        ({"stack": "checkpoint"}, "must be an implemented row"),
+        ({"quant_bits": 3}, "bad quant_bits=3: must be one of (4, 8)"),
+        ({"quant_group_size": 48}, "bad quant_group_size=48"),
         ({"lora_r": 0}, "bad lora_r=0"),
         ({"lora_targets": ("q_proj", "qkv")}, "bad lora_targets='q_proj,qkv'"),
         ({"lora_targets": ()}, "bad lora_targets=''"),
@@ -29,6 +31,7 @@ def test_bad_configs_fail_with_a_clear_message(kwargs, message):
 def test_every_row_is_a_prefix_of_the_stack():
     cfg = StackConfig(stack="lora")
     assert [cfg.enabled(t) for t in STACK] == [True, True, False, False, False, False]
+    assert cfg.gqa_mode == "repeat_kv" and StackConfig(stack="quantize").gqa_mode == "native"
     assert StackConfig(lora_targets="q_proj,k_proj").lora_targets == ("q_proj", "k_proj")
 
 
