@@ -200,3 +200,36 @@ def test_real_smollm2_weights_within_budget_and_perplexity_margin():
     # margins (measured on this text: FP32 19.93, INT8 19.78, INT4 28.80; experiments/LOG.md)
     assert ppl_int8 <= 1.01 * ppl_fp32
     assert ppl_int4 <= 1.50 * ppl_fp32, (float(ppl_fp32), float(ppl_int4))
+
+
+@pytest.mark.parametrize("backend", ["bnb-nf4", "bnb-fp4"])
+def test_bitsandbytes_backend_equals_a_linear_fed_its_dequantized_weight(backend):
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lowmem.quantize_bnb import BnbLinear4bit
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 64)
+    qlin = BnbLinear4bit(dense, backend)
+    assert qlin.nbytes == 128 * 64 * (0.5 + 4 / 64)
+    w = dequantize_4bit(qlin.packed, qlin.quant_state)
+    x1 = torch.randn(5, 128, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1, y2 = qlin(x1), x2 @ w.T + dense.bias.detach()
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    y1.sum().backward()
+    y2.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    assert float((w - dense.weight.detach()).norm() / dense.weight.detach().norm()) < 0.15
+
+
+def test_bitsandbytes_backend_runs_the_stack_and_simulates_exactly():
+    from lowmem.bench import run_cell
+    from lowmem.stack import StackConfig
+
+    cfg = StackConfig(stack="quantize", seq_len=48, quant_backend="bnb-nf4")
+    real, fake = run_cell("tiny-llama", cfg, "cpu"), run_cell("tiny-llama", cfg, "simulated")
+    assert real["status"] == fake["status"] == "ok", (real["error"], fake["error"])
+    assert real["metrics"]["peak_bytes"] == fake["metrics"]["peak_bytes"]
+    with pytest.raises(ValueError, match="bad quant_backend='gptq'"):
+        StackConfig(stack="quantize", quant_backend="gptq")
