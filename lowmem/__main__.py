@@ -48,6 +48,27 @@ def main(argv: list[str] | None = None) -> int:
         default="q_proj,v_proj",
         help=f"comma-separated subset of {','.join(LINEAR_TARGETS)}, or all-linear",
     )
+    m.add_argument("--quant-bits", type=int, default=4, help="bits per quantized weight: 4 or 8")
+    m.add_argument(
+        "--quant-group-size",
+        type=int,
+        default=32,
+        help="weights per FP32 scale along the input dim: 32, 64, 128, or 0 (one per row)",
+    )
+    m.add_argument(
+        "--quant-asymmetric", action="store_true", help="add an FP32 zero point per group"
+    )
+    m.add_argument(
+        "--quant-backend",
+        default="lowmem",
+        help="lowmem (own INT4/INT8 format), bnb-nf4 or bnb-fp4 (bitsandbytes)",
+    )
+    m.add_argument(
+        "--gqa",
+        default="auto",
+        help="grouped-query attention path: repeat_kv (copy K/V heads), native, or auto "
+        "(repeat_kv for baseline/lora, native from quantize on; see experiments/LOG.md)",
+    )
     m.add_argument(
         "--model-path", help="local Hugging Face directory with real weights (cpu/cuda meters only)"
     )
@@ -107,6 +128,11 @@ def _measure(args: argparse.Namespace) -> int:
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_targets=args.lora_targets,
+        quant_bits=args.quant_bits,
+        quant_group_size=args.quant_group_size,
+        quant_symmetric=not args.quant_asymmetric,
+        quant_backend=args.quant_backend,
+        gqa=args.gqa,
     )
     record = run_cell(args.model, cfg, args.meter, model_path=args.model_path)
     if args.experiment:

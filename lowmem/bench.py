@@ -61,7 +61,7 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
     except Exception as err:  # a crash is a result too: record it, the grid carries on
         status, error = "failed", "".join(traceback.format_exception(err))[-4000:]
     return {
-        "run_id": results.run_id(model_name, cfg.stack, cfg.seq_len, meter),
+        "run_id": results.run_id(model_name, cfg, meter),
         "status": status,
         "model": model_name,
         "config": cfg.to_dict(),
@@ -81,7 +81,7 @@ def run_grid(
     written = []
     bar = tqdm(cells, desc=experiment, unit="cell")
     for model_name, cfg in bar:
-        rid = results.run_id(model_name, cfg.stack, cfg.seq_len, meter)
+        rid = results.run_id(model_name, cfg, meter)
         bar.set_postfix_str(rid)
         if results.record_path(experiment, rid).exists() and not force:
             continue

@@ -62,3 +62,29 @@ def test_table_rebuilds_tables_from_records(capsys, results_tmp):
     assert main(["table", "x"]) == 0
     assert "| tiny-llama | + LoRA (r=16) |" in capsys.readouterr().out
     assert (results_tmp / "tables" / "x.md").is_file()
+
+
+def test_non_default_options_reach_the_config_and_the_run_id(capsys, results_tmp):
+    code = main(
+        [
+            "measure",
+            "--model",
+            "tiny-llama",
+            "--stack",
+            "quantize",
+            "--seq-len",
+            "16",
+            "--quant-bits",
+            "8",
+            "--quant-group-size",
+            "0",
+            "--gqa",
+            "repeat_kv",
+        ]
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["status"] == "ok"
+    assert record["config"]["quant_bits"] == 8 and record["config"]["gqa"] == "repeat_kv"
+    assert record["run_id"] == (
+        "tiny-llama__quantize__T16__simulated__quant_bits=8__quant_group_size=0__gqa=repeat_kv"
+    )

@@ -8,7 +8,7 @@ from lowmem.stack import IMPLEMENTED, StackConfig
 
 def _record(model="llama-3.2-3b", stack="lora", seq_len=1024, status="ok", gib=19.0):
     return {
-        "run_id": results.run_id(model, stack, seq_len, "simulated"),
+        "run_id": results.run_id(model, StackConfig(stack=stack, seq_len=seq_len), "simulated"),
         "status": status,
         "model": model,
         "config": StackConfig(stack=stack, seq_len=seq_len).to_dict(),
