@@ -91,6 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     t.add_argument("--force", action="store_true", help="re-measure cells already recorded")
 
+    s = sub.add_parser(
+        "speed",
+        help="step time of stack rows on real tensors (CPU), relative to the first",
+        description="Time forward + loss + backward steps of each stack row on the same batch "
+        "and write one record with median step times, ratios and profiled dequantization time.",
+    )
+    s.add_argument("--model", default="smollm2-135m", choices=list(REGISTRY), help="model")
+    s.add_argument(
+        "--stacks",
+        nargs="+",
+        default=["lora", "quantize"],
+        choices=IMPLEMENTED,
+        help="stack rows to time; ratios are relative to the first",
+    )
+    s.add_argument("--seq-len", type=int, default=256, help="context length T in tokens")
+    s.add_argument("--steps", type=int, default=3, help="timed steps per row (median is kept)")
+    s.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    s.add_argument("--experiment", default="speed", help="folder under results/raw/")
+
     r = sub.add_parser(
         "table",
         help="rebuild tables from records",
@@ -151,6 +170,26 @@ def _table1(args: argparse.Namespace) -> int:
     return _table(argparse.Namespace(experiment="table1"))
 
 
+def _speed(args: argparse.Namespace) -> int:
+    from lowmem.speed import time_stacks
+
+    cfgs = [StackConfig(stack=s, seq_len=args.seq_len) for s in args.stacks]
+    record = {
+        "run_id": f"{args.model}__speed__{'-'.join(args.stacks)}__T{args.seq_len}__cpu",
+        "status": "ok",
+        "model": args.model,
+        "meter": "time",
+        "device": "cpu",
+        "config": cfgs[0].to_dict()
+        | {"stacks": args.stacks, "steps": args.steps, "warmup": args.warmup},
+        "metrics": time_stacks(args.model, cfgs, args.steps, args.warmup),
+        "environment": results.environment(),
+    }
+    print(f"wrote {results.write_record(args.experiment, record)}", file=sys.stderr)
+    print(json.dumps(record["metrics"], indent=2))
+    return 0
+
+
 def _table(args: argparse.Namespace) -> int:
     csv, md = results.write_tables(args.experiment)
     if args.experiment == "table1" and results.update_readme("table1"):
@@ -166,7 +205,13 @@ def _assets(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"measure": _measure, "table1": _table1, "table": _table, "assets": _assets}
+_COMMANDS = {
+    "measure": _measure,
+    "speed": _speed,
+    "table1": _table1,
+    "table": _table,
+    "assets": _assets,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -111,6 +111,11 @@ def dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _expand(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
+    with torch.profiler.record_function("lowmem.dequantize"):  # attributes time in profiles
+        return _expand_codes(codes, scales, zeros, bits, group)
+
+
+def _expand_codes(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
     n_rows = codes.shape[0]
     if bits == 4:
         codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).reshape(n_rows, -1)

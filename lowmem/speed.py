@@ -1,0 +1,62 @@
+"""Step time on real tensors: how much a technique costs in time, and where that time goes.
+
+`time_stacks` builds one model per stack row, runs `warmup` + `steps` forward + loss + backward
+steps on the same benchmark batch, and reports the median step time of each row relative to the
+first (e.g. `+ Quantization` relative to `+ LoRA`). One extra profiled step per row attributes
+time to the regions lowmem names with `torch.profiler.record_function` (e.g.
+"lowmem.dequantize"), so a record says whether dequantization dominates.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from tqdm.auto import tqdm
+
+from lowmem.models import build_model
+from lowmem.stack import StackConfig, apply_stack, benchmark_batch, stack_context
+
+REGIONS = ("lowmem.dequantize",)
+
+
+def time_stacks(model_name: str, cfgs: list[StackConfig], steps: int = 3, warmup: int = 1) -> dict:
+    """Median step seconds per config, ratio to the first, and profiled region shares."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"bad steps={steps}, warmup={warmup}: need steps >= 1, warmup >= 0")
+    rows = {}
+    for cfg in tqdm(cfgs, desc=f"timing {model_name}", unit="row"):
+        torch.manual_seed(cfg.seed)
+        model = apply_stack(build_model(model_name), cfg)
+        batch = benchmark_batch(cfg, model.config.vocab_size)
+        with stack_context(cfg):
+            times = [_step(model, batch) for _ in range(warmup + steps)][warmup:]
+            shares = _region_shares(model, batch)
+        rows[cfg.stack] = {"step_s": statistics.median(times), "steps_s": times, **shares}
+        del model
+    first = rows[cfgs[0].stack]["step_s"]
+    for row in rows.values():
+        row["ratio"] = row["step_s"] / first
+    return rows
+
+
+def _step(model: torch.nn.Module, batch: dict) -> float:
+    start = time.perf_counter()
+    model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def _region_shares(model: torch.nn.Module, batch: dict) -> dict:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds = _step(model, batch)
+    events = {e.key: e for e in prof.key_averages()}
+    shares = {}
+    for region in REGIONS:
+        total_us = events[region].cpu_time_total if region in events else 0.0
+        shares[f"{region}_s"] = total_us / 1e6
+        shares[f"{region}_share"] = total_us / 1e6 / seconds
+    shares["profiled_step_s"] = seconds
+    return shares
