@@ -46,6 +46,7 @@ class LiveStorageTracker(TorchDispatchMode):
         self.peak = 0
         self.phase = "setup"
         self.peak_phase = "setup"
+        self.peak_op = ""  # the op whose output set the peak, e.g. "aten.mm.default"
         self.phase_peaks: dict[str, int] = {}
         self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -77,9 +78,12 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        peak = self.peak
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._add(t)
+        if self.peak > peak:
+            self.peak_op = str(func)
         return out
 
 
@@ -138,6 +142,7 @@ def measure_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], meter: 
         "peak_bytes": tracker.peak,
         "peak_gib": tracker.peak / GiB,
         "peak_phase": tracker.peak_phase,
+        "peak_op": tracker.peak_op,
         "phase_peak_bytes": dict(tracker.phase_peaks),
         "resident_bytes": weight_bytes,  # parameters, buffers and the batch before the step
         "loss": None if meter == "simulated" else float(out.loss.detach()),

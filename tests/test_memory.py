@@ -35,7 +35,7 @@ def test_tracker_registers_outside_tensors_once_and_attributes_the_peak_phase():
         y = torch.cat([x, x])  # +32768 -> 65536
         del x, y
     assert tracker.peak == 65536
-    assert tracker.peak_phase == "backward"
+    assert tracker.peak_phase == "backward" and tracker.peak_op == "aten.cat.default"
     assert tracker.phase_peaks == {"setup": 16384, "forward": 32768, "backward": 65536}
 
 
