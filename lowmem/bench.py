@@ -8,6 +8,7 @@ refused before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 
@@ -34,18 +35,30 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
     metrics, error, status = {}, None, "ok"
     device = "cuda" if meter == "cuda" else "cpu"
     try:
-        with meter_context(meter) as dev, stack_context(cfg):
+        with meter_context(meter) as dev, stack_context(cfg), contextlib.ExitStack() as cleanup:
             if meter == "cuda":
                 device = torch.cuda.get_device_name(dev)
             torch.manual_seed(cfg.seed)
             init = "fake" if meter == "simulated" else "random"
             model = build_model(model_name, init, dev, model_path)
             n_params = count_parameters(model)[0]
-            model = apply_stack(model, cfg)
+            model = apply_stack(model, cfg, meter)
+            ckpt = getattr(
+                model.get_base_model() if cfg.enabled("lora") else model,
+                "lowmem_checkpointing",
+                None,
+            )
+            streamed = 0
+            if ckpt is not None:
+                cleanup.callback(ckpt.close)  # offload files go on success, error or Ctrl-C
+                streamed = ckpt.stats().get("weights_bytes_written", 0)
             n_trainable = count_parameters(model)[1]
             batch = benchmark_batch(cfg, model.config.vocab_size, dev)
-            metrics = measure_step(model, batch, meter)
-            stored = stored_weight_bytes(model)
+            # from the checkpointing row on, the step keeps only the loss (Table 1 implies it)
+            metrics = measure_step(model, batch, meter, keep_outputs=not cfg.enabled("checkpoint"))
+            if ckpt is not None:
+                metrics["offload"] = ckpt.stats()
+            stored = stored_weight_bytes(model) + streamed
             metrics.update(
                 parameters=n_params,
                 trainable_parameters=n_trainable,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import threading
 import weakref
 from collections.abc import Iterable, Iterator
 
@@ -49,6 +50,7 @@ class LiveStorageTracker(TorchDispatchMode):
         self.peak_op = ""  # the op whose output set the peak, e.g. "aten.mm.default"
         self.phase_peaks: dict[str, int] = {}
         self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()  # storages may die on an offload worker thread
 
     def register(self, tensors: Iterable[object]) -> None:
         for t in tensors:
@@ -67,14 +69,16 @@ class LiveStorageTracker(TorchDispatchMode):
         nbytes = storage.nbytes()
         self._seen[storage] = nbytes
         weakref.finalize(storage, self._free, nbytes)
-        self.live += nbytes
+        with self._lock:
+            self.live += nbytes
         if self.live > self.phase_peaks.get(self.phase, 0):
             self.phase_peaks[self.phase] = self.live
         if self.live > self.peak:
             self.peak, self.peak_phase = self.live, self.phase
 
     def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
+        with self._lock:
+            self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -123,10 +127,14 @@ def _module_to_is_noop() -> Iterator[None]:
         torch.nn.Module.to = original
 
 
-def measure_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], meter: str) -> dict:
+def measure_step(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], meter: str, keep_outputs: bool = True
+) -> dict:
     """Run forward + loss + backward once; return the meter's peak and where it fell.
 
-    Call inside `meter_context(meter)`, with `model` and `batch` built there.
+    Call inside `meter_context(meter)`, with `model` and `batch` built there. keep_outputs=True
+    holds the model's output (logits: T x V) through backward, as `out = model(...);
+    out.loss.backward()` does; False keeps only the loss.
     """
     tracker = LiveStorageTracker()
     tracker.register(module_tensors(model))
@@ -136,8 +144,11 @@ def measure_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], meter: 
     with tracker:
         tracker.mark("forward")
         out = model(**batch)
+        loss = out.loss
+        if not keep_outputs:
+            del out
         tracker.mark("backward")
-        out.loss.backward()
+        loss.backward()
     metrics = {
         "peak_bytes": tracker.peak,
         "peak_gib": tracker.peak / GiB,
@@ -145,7 +156,7 @@ def measure_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], meter: 
         "peak_op": tracker.peak_op,
         "phase_peak_bytes": dict(tracker.phase_peaks),
         "resident_bytes": weight_bytes,  # parameters, buffers and the batch before the step
-        "loss": None if meter == "simulated" else float(out.loss.detach()),
+        "loss": None if meter == "simulated" else float(loss.detach()),
     }
     if meter == "cuda":
         metrics["tracked_peak_bytes"] = metrics["peak_bytes"]

@@ -27,10 +27,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.integrations import sdpa_attention
 
+from lowmem.checkpoint import POLICIES, apply_checkpoint
+from lowmem.offload import OFFLOADS
 from lowmem.quantize import BACKENDS, BITS, GROUP_SIZES, apply_quantize
 
 STACK = ("baseline", "lora", "quantize", "checkpoint", "softmax_approx", "logits_mask")
-IMPLEMENTED = ("baseline", "lora", "quantize")
+IMPLEMENTED = ("baseline", "lora", "quantize", "checkpoint")
 
 LABELS = {
     "baseline": "FP32 Baseline",
@@ -73,6 +75,17 @@ class StackConfig:
     """Symmetric (scale only) or asymmetric (scale + FP32 zero point) quantization."""
     quant_backend: str = "lowmem"
     """"lowmem" (the format above) or "bnb-nf4" / "bnb-fp4" (bitsandbytes, decoder linears)."""
+    offload: str = "disk"
+    """Where checkpoints, cached activations and streamed weights wait: "disk" or "memory"."""
+    offload_dir: str = ""
+    """Root folder for disk offload ("" = the system temp folder); each run gets its own."""
+    offload_async: bool = True
+    """Write offloaded tensors on a background thread (False: put() waits for the file)."""
+    stream_weights: bool = True
+    """Keep each layer's quantized weights in the store, loaded only while the layer runs."""
+    cache_policy: str = "none"
+    """Frozen linears whose outputs are cached instead of recomputed: none, attention, mlp,
+    all_linear (lowmem.checkpoint.POLICIES)."""
     gqa: str = "auto"
     """Grouped-query attention in SDPA: "repeat_kv" copies the K/V heads up to the query heads
     before the kernel; "native" passes enable_gqa=True and copies nothing; "auto" does what
@@ -114,6 +127,13 @@ class StackConfig:
             self.quant_backend,
             f"one of {', '.join(BACKENDS)}",
         )
+        _check(self.offload in OFFLOADS, "offload", self.offload, f"one of {', '.join(OFFLOADS)}")
+        _check(
+            self.cache_policy in POLICIES,
+            "cache_policy",
+            self.cache_policy,
+            f"one of {', '.join(POLICIES)}",
+        )
         _check(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
         targets = self.lora_targets
         ok = targets == ("all-linear",) or (targets and set(targets) <= set(LINEAR_TARGETS))
@@ -144,8 +164,13 @@ def _check(ok: bool, name: str, value: object, allowed: str) -> None:
         raise ValueError(f"bad {name}={value!r}: must be {allowed}")
 
 
-def apply_stack(model: torch.nn.Module, cfg: StackConfig) -> torch.nn.Module:
-    """Turn a freshly built FP32 model into the row `cfg.stack` of the cumulative stack."""
+def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") -> torch.nn.Module:
+    """Turn a freshly built FP32 model into the row `cfg.stack` of the cumulative stack.
+
+    With checkpointing, the model owns temporary offload files until
+    `model.get_base_model().lowmem_checkpointing.close()` (or until it is garbage-collected).
+    `meter` matters only there: under "simulated" the disk store keeps shapes only.
+    """
     if not cfg.enabled("lora"):
         for p in model.parameters():
             p.requires_grad_(True)
@@ -162,6 +187,16 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig) -> torch.nn.Module:
     if cfg.enabled("quantize"):
         apply_quantize(
             model, cfg.quant_bits, cfg.quant_group_size, cfg.quant_symmetric, cfg.quant_backend
+        )
+    if cfg.enabled("checkpoint"):
+        apply_checkpoint(
+            model,
+            cfg.offload,
+            cfg.stream_weights,
+            cfg.cache_policy,
+            meter,
+            cfg.offload_dir or None,
+            cfg.offload_async,
         )
     return model
 

@@ -1,0 +1,233 @@
+"""Tensor stores: where checkpoints, cached activations and streamed weights wait off-device.
+
+One interface (`put`, `prefetch`, `get`, `close`), three backends:
+
+- `MemoryStore` keeps the tensors themselves: the reference, and what "no offload" means.
+- `DiskStore` writes each entry as a safetensors file in a per-run temporary directory. Writes
+  run on a background thread so compute continues; `prefetch` starts a read early (backward
+  asks for the next entries in reverse order); an entry read with `keep=False` is deleted as it
+  is consumed. Buffers for reads are allocated on the caller's thread, so a memory meter sees
+  them; the worker only fills them.
+- `SimulatedStore` keeps only shapes and dtypes (the `simulated` meter has no data to write);
+  `get` hands back new empty (fake) tensors of the same shape.
+
+Memory arithmetic: on Llama-3.2 3B at 16384 tokens, one layer input is 16384 x 3072 x 4 B =
+192 MiB; 28 of them (5.25 GiB) sit on disk instead of in memory, and the INT4 weights of the 28
+layers (1.62 GiB) are read back one layer at a time.
+
+The directory is removed on close, on exceptions and on Ctrl-C (the owner closes the store in a
+`finally`); a directory left behind by a killed process is removed by the next DiskStore
+created under the same root, if its owner process is gone and it belongs to this user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+OFFLOADS = ("memory", "disk")
+_PREFIX = "lowmem-run-"
+_DTYPES = {
+    "U8": torch.uint8,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "BOOL": torch.bool,
+}
+
+Entry = dict[str, torch.Tensor]
+
+
+class OffloadError(RuntimeError):
+    """The store cannot hold what it was given (no space, unwritable directory, ...)."""
+
+
+class MemoryStore:
+    """Keeps entries as they are."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self.stats = {"bytes_written": 0, "bytes_read": 0, "io_wait_s": 0.0}
+
+    def put(self, key: str, entry: Entry) -> None:
+        self._entries[key] = entry
+
+    def prefetch(self, key: str) -> None:
+        pass
+
+    def get(self, key: str, keep: bool = False) -> Entry:
+        return self._entries[key] if keep else self._entries.pop(key)
+
+    def close(self) -> None:
+        self._entries.clear()
+
+
+class SimulatedStore(MemoryStore):
+    """Keeps (shape, dtype) only: what leaves the device costs nothing, as on a real disk.
+
+    Buffers appear when a `DiskStore` would allocate them: at `prefetch`, or at `get`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._prefetched: dict[str, Entry] = {}
+
+    def put(self, key: str, entry: Entry) -> None:
+        self._entries[key] = {k: (tuple(t.shape), t.dtype) for k, t in entry.items()}
+        self.stats["bytes_written"] += _nbytes(entry)
+
+    def prefetch(self, key: str) -> None:
+        if key in self._entries and key not in self._prefetched:
+            meta = self._entries[key]
+            self._prefetched[key] = {k: torch.empty(s, dtype=d) for k, (s, d) in meta.items()}
+
+    def get(self, key: str, keep: bool = False) -> Entry:
+        self.prefetch(key)
+        entry = self._prefetched.pop(key)
+        super().get(key, keep)
+        self.stats["bytes_read"] += _nbytes(entry)
+        return entry
+
+    def close(self) -> None:
+        super().close()
+        self._prefetched.clear()
+
+
+class DiskStore:
+    """Entries as safetensors files in a private temporary directory, written asynchronously."""
+
+    def __init__(self, root: str | os.PathLike | None = None, async_writes: bool = True) -> None:
+        self.async_writes = async_writes  # False: put() returns once the file is written
+        root = Path(root or Path(tempfile.gettempdir()) / "lowmem-offload")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale_dirs(root)
+            self.dir = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=root))
+        except OSError as err:
+            raise OffloadError(f"cannot create an offload directory under {root}: {err}") from err
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmem-offload")
+        self._writes: dict[str, Future] = {}
+        self._reads: dict[str, tuple[Entry, Future]] = {}
+        self.stats = {"bytes_written": 0, "bytes_read": 0, "io_wait_s": 0.0}
+
+    def put(self, key: str, entry: Entry) -> None:
+        need = _nbytes(entry)
+        free = shutil.disk_usage(self.dir).free
+        if need > free:
+            raise OffloadError(
+                f"not enough space in {self.dir}: an entry needs {need} bytes, "
+                f"{free} are free; pass another offload_dir"
+            )
+        tensors = {k: t.detach().contiguous() for k, t in entry.items()}
+        self._writes[key] = self._pool.submit(save_file, tensors, str(self._path(key)))
+        self.stats["bytes_written"] += need
+        if not self.async_writes:
+            del tensors
+            self._wait(self._writes[key])
+
+    def prefetch(self, key: str) -> None:
+        if key in self._reads or key not in self._writes:
+            return
+        write = self._writes[key]
+        self._wait(write)  # a read can only start once its file is complete
+        header, offset = _read_header(self._path(key))
+        entry = {k: torch.empty(v["shape"], dtype=_DTYPES[v["dtype"]]) for k, v in header.items()}
+        self._reads[key] = (entry, self._pool.submit(_fill, self._path(key), header, offset, entry))
+
+    def get(self, key: str, keep: bool = False) -> Entry:
+        if key not in self._writes:
+            raise KeyError(f"no entry {key!r} in the offload store {self.dir}")
+        self.prefetch(key)
+        entry, read = self._reads.pop(key)
+        self._wait(read)
+        self.stats["bytes_read"] += _nbytes(entry)
+        if not keep:
+            del self._writes[key]
+            self._path(key).unlink()
+        return entry
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._writes.clear()
+        self._reads.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{key}.safetensors"
+
+    def _wait(self, future: Future) -> None:
+        start = time.perf_counter()
+        try:
+            future.result()
+        except OSError as err:
+            raise OffloadError(f"offload I/O failed in {self.dir}: {err}") from err
+        finally:
+            self.stats["io_wait_s"] += time.perf_counter() - start
+
+
+def make_store(offload: str, meter: str, root: str | None = None, async_writes: bool = True):
+    """The store for an offload target under a meter (fake tensors cannot be written)."""
+    if offload not in OFFLOADS:
+        raise ValueError(f"bad offload={offload!r}: must be one of {OFFLOADS}")
+    if offload == "memory":
+        return MemoryStore()
+    return SimulatedStore() if meter == "simulated" else DiskStore(root, async_writes)
+
+
+def remove_stale_dirs(root: Path) -> list[Path]:
+    """Remove run directories under `root` whose process is gone; only this user's."""
+    removed = []
+    for path in root.glob(f"{_PREFIX}*"):
+        try:
+            pid = int(path.name[len(_PREFIX) :].split("-")[0])
+            if path.stat().st_uid != os.getuid() or _alive(pid):
+                continue
+        except (ValueError, OSError):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _fill(path: Path, header: dict, offset: int, entry: Entry) -> None:
+    """Read each tensor's bytes straight into its preallocated buffer."""
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            begin, end = info["data_offsets"]
+            f.seek(offset + begin)
+            view = entry[name].view(-1).view(torch.uint8).numpy()
+            if f.readinto(memoryview(view)) != end - begin:
+                raise OSError(f"{path}: short read for {name}")
+
+
+def _nbytes(entry: Entry) -> int:
+    return sum(t.numel() * t.element_size() for t in entry.values())
