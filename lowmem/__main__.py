@@ -63,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         default="lowmem",
         help="lowmem (own INT4/INT8 format), bnb-nf4 or bnb-fp4 (bitsandbytes)",
     )
+    m.add_argument("--offload", default="disk", help="checkpoint/weight store: disk or memory")
+    m.add_argument("--offload-dir", default="", help="root folder for disk offload (default: temp)")
+    m.add_argument("--no-stream-weights", action="store_true", help="keep layer weights resident")
+    m.add_argument(
+        "--cache-policy",
+        default="none",
+        help="activations cached instead of recomputed: none, attention, mlp, all_linear",
+    )
     m.add_argument(
         "--gqa",
         default="auto",
@@ -152,6 +160,10 @@ def _measure(args: argparse.Namespace) -> int:
         quant_symmetric=not args.quant_asymmetric,
         quant_backend=args.quant_backend,
         gqa=args.gqa,
+        offload=args.offload,
+        offload_dir=args.offload_dir,
+        stream_weights=not args.no_stream_weights,
+        cache_policy=args.cache_policy,
     )
     record = run_cell(args.model, cfg, args.meter, model_path=args.model_path)
     if args.experiment:

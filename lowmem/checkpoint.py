@@ -62,22 +62,21 @@ class Checkpointing:
                 store.close()
 
 
-class CheckpointedLayer(torch.nn.Module):
-    """Wraps a decoder layer: same call, checkpointed (and streamed) underneath."""
+class CheckpointedLayer:
+    """Takes over a decoder layer's `forward`: same call, checkpointed (and streamed) underneath.
+
+    The layer stays where it is, so parameter names (and saved adapters) do not change.
+    """
 
     def __init__(self, layer: torch.nn.Module, index: int, state: Checkpointing) -> None:
-        super().__init__()
         self.layer, self.index = layer, index
+        self.inner_forward = layer.forward
         self._state = weakref.ref(state)  # the model owns the state, not the other way round
         self.streamed: dict[str, torch.nn.Module] = {}
         if state.weights is not None:
             self._offload_weights(state.weights)
-
-    def __getattr__(self, name: str):  # e.g. Qwen2's `attention_type`
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.layer, name)
+        layer.forward = self.forward
+        layer.lowmem_checkpoint = self
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         params = [p for p in self.layer.parameters() if p.requires_grad]
@@ -118,7 +117,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         state.store.put(f"h{wrapper.index}", {"h": hidden})
         _prefetch_weights(state, wrapper.index + 1)
         with torch.no_grad(), _mode(state, "record"), _weights_of(wrapper):
-            return wrapper.layer(hidden, **kwargs)
+            return wrapper.inner_forward(hidden, **kwargs)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -131,7 +130,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         params = [p for p in wrapper.layer.parameters() if p.requires_grad]
         start = time.perf_counter()
         with torch.enable_grad(), _mode(state, "replay"), _weights_of(wrapper):
-            out = wrapper.layer(hidden, **kwargs)
+            out = wrapper.inner_forward(hidden, **kwargs)
         state.recompute_s += time.perf_counter() - start
         inputs = ([hidden] if ctx.hidden_requires_grad else []) + params
         grads = list(torch.autograd.grad(out, inputs, grad_out))
@@ -224,8 +223,7 @@ def apply_checkpoint(
     weakref.finalize(base, state.close)  # files go when the model goes, or at exit
     for i, layer in enumerate(layers):
         _wrap_cached_linears(layer, i, POLICIES[cache_policy], state)
-        layers[i] = CheckpointedLayer(layer, i, state)
-        state.layers.append(layers[i])
+        state.layers.append(CheckpointedLayer(layer, i, state))
     base.lowmem_checkpointing = state
     base.config.use_cache = False  # as transformers does under gradient checkpointing: a KV
     # cache would keep every layer's K and V (2 x 1024 floats per token per layer on Llama)

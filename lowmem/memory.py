@@ -29,6 +29,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from transformers import masking_utils
 
 METERS = ("cuda", "cpu", "simulated")
 GiB = 2**30
@@ -108,7 +109,7 @@ def meter_context(meter: str) -> Iterator[torch.device]:
         torch.cuda.reset_peak_memory_stats()
         yield torch.device("cuda")
     elif meter == "simulated":
-        with FakeTensorMode(), _module_to_is_noop():
+        with FakeTensorMode(), _module_to_is_noop(), _unpacked_sequences():
             yield torch.device("cpu")
     else:
         yield torch.device("cpu")
@@ -125,6 +126,20 @@ def _module_to_is_noop() -> Iterator[None]:
         yield
     finally:
         torch.nn.Module.to = original
+
+
+@contextlib.contextmanager
+def _unpacked_sequences() -> Iterator[None]:
+    # Without a KV cache, transformers looks at position_ids to detect packed sequences; the
+    # check reads data, which fake tensors lack, so it would assume packing and build a T x T
+    # FP32 mask (1 GiB at 16384 tokens) that a real run never builds. Our batches are never
+    # packed, so under the simulated meter the answer is known: no packing.
+    original = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
 
 
 def measure_step(

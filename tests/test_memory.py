@@ -56,8 +56,20 @@ def test_unknown_meter_is_refused():
         StackConfig(
             stack="quantize", seq_len=40, quant_bits=8, quant_group_size=0, quant_symmetric=False
         ),
+        StackConfig(stack="checkpoint", seq_len=64, offload_async=False),
+        StackConfig(stack="checkpoint", seq_len=40, offload="memory", cache_policy="all_linear"),
+        StackConfig(stack="checkpoint", seq_len=40, offload_async=False, cache_policy="mlp"),
     ],
-    ids=["baseline", "lora", "lora-all-linear-native", "quantize", "quantize-int8-asym"],
+    ids=[
+        "baseline",
+        "lora",
+        "lora-all-linear-native",
+        "quantize",
+        "quantize-int8-asym",
+        "checkpoint-disk",
+        "checkpoint-memory-cache-all",
+        "checkpoint-disk-cache-mlp",
+    ],
 )
 def test_simulated_equals_cpu_to_the_byte(model, cfg):
     real = run_cell(model, cfg, "cpu")

