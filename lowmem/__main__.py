@@ -9,7 +9,7 @@ import sys
 from lowmem import assets, paper, results
 from lowmem.memory import METERS
 from lowmem.models import REGISTRY, ModelError
-from lowmem.stack import IMPLEMENTED, LINEAR_TARGETS, STACK, StackConfig
+from lowmem.stack import IMPLEMENTED, LINEAR_TARGETS, STACK, StackConfig, parse_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         "--stacks",
         nargs="+",
         default=["lora", "quantize"],
-        choices=IMPLEMENTED,
-        help="stack rows to time; ratios are relative to the first",
+        help="stack rows to time, each STACK[:field=value,...] (e.g. checkpoint:offload=memory; "
+        "tuples joined by +); ratios are relative to the first",
     )
     s.add_argument("--seq-len", type=int, default=256, help="context length T in tokens")
     s.add_argument("--steps", type=int, default=3, help="timed steps per row (median is kept)")
@@ -185,9 +185,10 @@ def _table1(args: argparse.Namespace) -> int:
 def _speed(args: argparse.Namespace) -> int:
     from lowmem.speed import time_stacks
 
-    cfgs = [StackConfig(stack=s, seq_len=args.seq_len) for s in args.stacks]
+    cfgs = [parse_spec(s, seq_len=args.seq_len) for s in args.stacks]
+    slug = "-".join(s.replace(":", "+").replace(",", "+") for s in args.stacks)
     record = {
-        "run_id": f"{args.model}__speed__{'-'.join(args.stacks)}__T{args.seq_len}__cpu",
+        "run_id": f"{args.model}__speed__{slug}__T{args.seq_len}__cpu",
         "status": "ok",
         "model": args.model,
         "meter": "time",

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from lowmem import paper
-from lowmem.stack import LABELS, STACK, StackConfig
+from lowmem.stack import LABELS, STACK, StackConfig, describe
 
 STATUSES = ("ok", "oom", "failed")
 TOLERANCE = 0.10  # a numeric paper cell is reproduced when ours is within +-10% of it
@@ -37,17 +37,8 @@ def results_dir() -> Path:
 
 def run_id(model: str, cfg: StackConfig, meter: str) -> str:
     """<model>__<stack>__T<seq_len>__<meter>, then every config field that is not the default."""
-    default = StackConfig(stack=cfg.stack).to_dict()
-    extra = [
-        f"{k}={_short(v)}"
-        for k, v in cfg.to_dict().items()
-        if k not in ("stack", "seq_len") and v != default[k]
-    ]
-    return "__".join([model, cfg.stack, f"T{cfg.seq_len}", meter, *extra])
-
-
-def _short(value: object) -> str:
-    return ",".join(value) if isinstance(value, (tuple, list)) else str(value)
+    extra = describe(cfg).partition(":")[2]
+    return "__".join([model, cfg.stack, f"T{cfg.seq_len}", meter, *filter(None, extra.split(","))])
 
 
 def record_path(experiment: str, rid: str) -> Path:

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from lowmem.models import build_model
-from lowmem.stack import StackConfig, apply_stack, benchmark_batch, stack_context
+from lowmem.stack import StackConfig, apply_stack, benchmark_batch, describe, stack_context
 
 REGIONS = ("lowmem.dequantize",)
 
@@ -34,9 +34,9 @@ def time_stacks(model_name: str, cfgs: list[StackConfig], steps: int = 3, warmup
         with stack_context(cfg):
             times = [_step(model, batch) for _ in range(warmup + steps)][warmup:]
             shares = _region_shares(model, batch)
-        rows[cfg.stack] = {"step_s": statistics.median(times), "steps_s": times, **shares}
+        rows[describe(cfg)] = {"step_s": statistics.median(times), "steps_s": times, **shares}
         del model
-    first = rows[cfgs[0].stack]["step_s"]
+    first = rows[describe(cfgs[0])]["step_s"]
     for row in rows.values():
         row["ratio"] = row["step_s"] / first
     return rows

@@ -19,6 +19,7 @@ last 30% of positions trainable (the rest -100), which only matters once logits 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -157,6 +158,37 @@ class StackConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_spec(spec: str, **defaults) -> StackConfig:
+    """ "checkpoint:offload=memory,cache_policy=mlp" -> StackConfig; values typed by field."""
+    stack, _, rest = spec.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(StackConfig)}
+    values = dict(defaults, stack=stack)
+    for item in filter(None, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(
+                f"bad stack spec {spec!r}: {item!r} is not field=value with a field "
+                f"of StackConfig ({', '.join(fields)})"
+            )
+        kind = type(getattr(StackConfig(), key))
+        if kind is bool:
+            values[key] = raw.lower() in ("1", "true", "yes")
+        else:
+            values[key] = tuple(raw.split("+")) if kind is tuple else kind(raw)
+    return StackConfig(**values)
+
+
+def describe(cfg: StackConfig) -> str:
+    """The inverse of parse_spec: the stack and every field that is not the default."""
+    default = StackConfig(stack=cfg.stack).to_dict()
+    extra = [
+        f"{k}={'+'.join(v) if isinstance(v, tuple) else v}"
+        for k, v in cfg.to_dict().items()
+        if k not in ("stack", "seq_len") and v != default[k]
+    ]
+    return cfg.stack + (":" + ",".join(extra) if extra else "")
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:

@@ -97,3 +97,21 @@ def test_stack_context_restores_attention_and_repeat_kv_costs_what_the_arithmeti
     # repeat_kv keeps a K and a V copy with all query heads per layer for backward
     extra = 2 * config.num_attention_heads * config.head_dim * 4 * T * config.num_hidden_layers
     assert peaks["repeat_kv"]["peak_bytes"] - peaks["native"]["peak_bytes"] == extra
+
+
+def test_specs_parse_typed_fields_and_round_trip():
+    from lowmem.stack import describe, parse_spec
+
+    cfg = parse_spec(
+        "checkpoint:offload=memory,stream_weights=false,lora_targets=q_proj+k_proj", seq_len=64
+    )
+    assert (cfg.stack, cfg.seq_len, cfg.offload, cfg.stream_weights) == (
+        "checkpoint",
+        64,
+        "memory",
+        False,
+    )
+    assert cfg.lora_targets == ("q_proj", "k_proj")
+    assert parse_spec(describe(cfg), seq_len=64) == cfg
+    with pytest.raises(ValueError, match="'colour=red' is not field=value with a field"):
+        parse_spec("lora:colour=red")
