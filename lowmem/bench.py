@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowmem import paper, results
+from lowmem.checkpoint import checkpointing_of
 from lowmem.memory import METERS, measure_step, meter_context
 from lowmem.models import build_model, count_parameters, get_spec, stored_weight_bytes
 from lowmem.stack import StackConfig, apply_stack, benchmark_batch, stack_context
@@ -43,11 +44,7 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
             model = build_model(model_name, init, dev, model_path)
             n_params = count_parameters(model)[0]
             model = apply_stack(model, cfg, meter)
-            ckpt = getattr(
-                model.get_base_model() if cfg.enabled("lora") else model,
-                "lowmem_checkpointing",
-                None,
-            )
+            ckpt = checkpointing_of(model)
             streamed = 0
             if ckpt is not None:
                 cleanup.callback(ckpt.close)  # offload files go on success, error or Ctrl-C

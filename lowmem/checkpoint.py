@@ -230,6 +230,12 @@ def apply_checkpoint(
     return state
 
 
+def checkpointing_of(model: torch.nn.Module) -> Checkpointing | None:
+    """The Checkpointing state of a model that `apply_checkpoint` changed, else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "lowmem_checkpointing", None)
+
+
 def _wrap_cached_linears(layer, index, names, state) -> None:
     for name, module in list(layer.named_modules()):
         leaf = name.rpartition(".")[2]

@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
+from lowmem.checkpoint import checkpointing_of
 from lowmem.models import build_model
 from lowmem.stack import StackConfig, apply_stack, benchmark_batch, describe, stack_context
 
@@ -31,10 +32,21 @@ def time_stacks(model_name: str, cfgs: list[StackConfig], steps: int = 3, warmup
         torch.manual_seed(cfg.seed)
         model = apply_stack(build_model(model_name), cfg)
         batch = benchmark_batch(cfg, model.config.vocab_size)
-        with stack_context(cfg):
-            times = [_step(model, batch) for _ in range(warmup + steps)][warmup:]
-            shares = _region_shares(model, batch)
-        rows[describe(cfg)] = {"step_s": statistics.median(times), "steps_s": times, **shares}
+        ckpt = checkpointing_of(model)
+        try:
+            with stack_context(cfg):
+                times = [_step(model, batch) for _ in range(warmup + steps)][warmup:]
+                shares = _region_shares(model, batch)
+        finally:
+            if ckpt is not None:
+                ckpt.close()
+        extra = {} if ckpt is None else {"offload": ckpt.stats()}
+        rows[describe(cfg)] = {
+            "step_s": statistics.median(times),
+            "steps_s": times,
+            **shares,
+            **extra,
+        }
         del model
     first = rows[describe(cfgs[0])]["step_s"]
     for row in rows.values():
