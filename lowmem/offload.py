@@ -62,12 +62,15 @@ class MemoryStore:
 
     def put(self, key: str, entry: Entry) -> None:
         self._entries[key] = entry
+        self.stats["bytes_written"] += _nbytes(entry)
 
     def prefetch(self, key: str) -> None:
         pass
 
     def get(self, key: str, keep: bool = False) -> Entry:
-        return self._entries[key] if keep else self._entries.pop(key)
+        entry = self._entries[key] if keep else self._entries.pop(key)
+        self.stats["bytes_read"] += _nbytes(entry)
+        return entry
 
     def close(self) -> None:
         self._entries.clear()
@@ -95,7 +98,8 @@ class SimulatedStore(MemoryStore):
     def get(self, key: str, keep: bool = False) -> Entry:
         self.prefetch(key)
         entry = self._prefetched.pop(key)
-        super().get(key, keep)
+        if not keep:
+            del self._entries[key]
         self.stats["bytes_read"] += _nbytes(entry)
         return entry
 

@@ -12,7 +12,10 @@ from lowmem.stack import STACK, StackConfig, apply_stack, benchmark_batch, stack
     [
         ({"seq_len": 0}, "bad seq_len=0: must be an integer > 0"),
         ({"seq_len": -5}, "bad seq_len=-5"),
-        ({"stack": "lora_plus"}, "bad stack='lora_plus': must be one of baseline, lora, quantize, checkpoint"),
+        (
+            {"stack": "lora_plus"},
+            "bad stack='lora_plus': must be one of baseline, lora, quantize, checkpoint",
+        ),
         ({"stack": "softmax_approx"}, "must be an implemented row"),
         ({"quant_bits": 3}, "bad quant_bits=3: must be one of (4, 8)"),
         ({"quant_group_size": 48}, "bad quant_group_size=48"),
