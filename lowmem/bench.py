@@ -9,6 +9,7 @@ refused before any work starts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import traceback
 
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from lowmem import paper, results
 from lowmem.checkpoint import checkpointing_of
+from lowmem.loss import compute_loss
 from lowmem.memory import METERS, measure_step, meter_context
 from lowmem.models import build_model, count_parameters, get_spec, stored_weight_bytes
 from lowmem.stack import StackConfig, apply_stack, benchmark_batch, stack_context
@@ -52,7 +54,10 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
             n_trainable = count_parameters(model)[1]
             batch = benchmark_batch(cfg, model.config.vocab_size, dev)
             # from the checkpointing row on, the step keeps only the loss (Table 1 implies it)
-            metrics = measure_step(model, batch, meter, keep_outputs=not cfg.enabled("checkpoint"))
+            loss_fn = functools.partial(compute_loss, cfg=cfg)
+            metrics = measure_step(
+                model, batch, meter, keep_outputs=not cfg.enabled("checkpoint"), loss_fn=loss_fn
+            )
             if ckpt is not None:
                 metrics["offload"] = ckpt.stats()
             stored = stored_weight_bytes(model) + streamed

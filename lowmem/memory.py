@@ -143,13 +143,18 @@ def _unpacked_sequences() -> Iterator[None]:
 
 
 def measure_step(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], meter: str, keep_outputs: bool = True
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    meter: str,
+    keep_outputs: bool = True,
+    loss_fn=None,
 ) -> dict:
     """Run forward + loss + backward once; return the meter's peak and where it fell.
 
     Call inside `meter_context(meter)`, with `model` and `batch` built there. keep_outputs=True
     holds the model's output (logits: T x V) through backward, as `out = model(...);
-    out.loss.backward()` does; False keeps only the loss.
+    out.loss.backward()` does; False keeps only the loss. `loss_fn(model, batch)` returns
+    (loss, output); the default calls the model with the batch (labels included).
     """
     tracker = LiveStorageTracker()
     tracker.register(module_tensors(model))
@@ -158,8 +163,7 @@ def measure_step(
     rss_start = _reset_peak_rss()
     with tracker:
         tracker.mark("forward")
-        out = model(**batch)
-        loss = out.loss
+        loss, out = loss_fn(model, batch) if loss_fn else _model_loss(model, batch)
         if not keep_outputs:
             del out
         tracker.mark("backward")
@@ -182,6 +186,11 @@ def measure_step(
         metrics["rss_start_bytes"] = rss_start
         metrics["peak_rss_bytes"] = _peak_rss()
     return metrics
+
+
+def _model_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, object]:
+    out = model(**batch)
+    return out.loss, out
 
 
 def _reset_peak_rss() -> int:

@@ -31,9 +31,12 @@ from transformers.integrations import sdpa_attention
 from lowmem.checkpoint import POLICIES, apply_checkpoint
 from lowmem.offload import OFFLOADS
 from lowmem.quantize import BACKENDS, BITS, GROUP_SIZES, apply_quantize
+from lowmem.softmax_approx import RULES, VARIANTS
 
 STACK = ("baseline", "lora", "quantize", "checkpoint", "softmax_approx", "logits_mask")
-IMPLEMENTED = ("baseline", "lora", "quantize", "checkpoint")
+# beyond the paper: every exact technique, no approximation of the loss
+BEST = ("lora", "quantize", "checkpoint", "logits_mask", "fused_loss")
+ROWS = STACK + ("best",)
 
 LABELS = {
     "baseline": "FP32 Baseline",
@@ -42,6 +45,7 @@ LABELS = {
     "checkpoint": "+ Checkpointing",
     "softmax_approx": "+ SM Approx. (top-1000)",
     "logits_mask": "+ Logits Masking (30% trainable)",
+    "best": "lowmem best (exact loss)",
 }
 
 GQA_MODES = ("auto", "repeat_kv", "native")
@@ -87,6 +91,15 @@ class StackConfig:
     cache_policy: str = "none"
     """Frozen linears whose outputs are cached instead of recomputed: none, attention, mlp,
     all_linear (lowmem.checkpoint.POLICIES)."""
+    softmax_k: int = 1000
+    """Candidates per position for the softmax approximation (K; K = V is exact)."""
+    softmax_rule: str = "model_topk"
+    """How candidates are chosen: model_topk (highest logits) or target_neighbors (embedding
+    neighbours of the target)."""
+    softmax_variant: str = "paper"
+    """paper: full N x V logits/scores, subset gathered; chunked: never a whole N x V matrix."""
+    loss_chunk: int = 4096
+    """Vocabulary rows per chunk in the fused loss and the chunked softmax approximation."""
     gqa: str = "auto"
     """Grouped-query attention in SDPA: "repeat_kv" copies the K/V heads up to the query heads
     before the kernel; "native" passes enable_gqa=True and copies nothing; "auto" does what
@@ -98,14 +111,20 @@ class StackConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets.split(",")))
-        _check(self.stack in STACK, "stack", self.stack, f"one of {', '.join(STACK)}")
+        _check(self.stack in ROWS, "stack", self.stack, f"one of {', '.join(ROWS)}")
         _check(
-            self.stack in IMPLEMENTED,
-            "stack",
-            self.stack,
-            f"an implemented row ({', '.join(IMPLEMENTED)}); later rows are not built yet",
+            self.softmax_rule in RULES,
+            "softmax_rule",
+            self.softmax_rule,
+            f"one of {', '.join(RULES)}",
         )
-        for name in ("seq_len", "batch_size", "lora_r", "lora_alpha"):
+        _check(
+            self.softmax_variant in VARIANTS,
+            "softmax_variant",
+            self.softmax_variant,
+            f"one of {', '.join(VARIANTS)}",
+        )
+        for name in ("seq_len", "batch_size", "lora_r", "lora_alpha", "softmax_k", "loss_chunk"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, name, value, "an integer > 0")
         _check(
@@ -146,8 +165,10 @@ class StackConfig:
         )
 
     def enabled(self, technique: str) -> bool:
-        """Whether `technique` is on in this row of the cumulative stack."""
-        return STACK.index(technique) <= STACK.index(self.stack)
+        """Whether `technique` is on in this row (a prefix of STACK, or the `best` profile)."""
+        if self.stack == "best":
+            return technique in BEST
+        return technique in STACK and STACK.index(technique) <= STACK.index(self.stack)
 
     @property
     def gqa_mode(self) -> str:
@@ -258,5 +279,12 @@ def benchmark_batch(cfg: StackConfig, vocab_size: int, device: torch.device | st
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen)
     labels = ids.clone()
-    labels[:, : cfg.seq_len - math.ceil(cfg.trainable_fraction * cfg.seq_len)] = -100
-    return {"input_ids": ids.to(device), "labels": labels.to(device)}
+    n_masked = cfg.seq_len - math.ceil(cfg.trainable_fraction * cfg.seq_len)
+    labels[:, :n_masked] = -100
+    batch = {"input_ids": ids.to(device), "labels": labels.to(device)}
+    if cfg.enabled("logits_mask"):  # flat positions whose shifted label is trainable
+        t = cfg.seq_len - 1
+        batch["trainable_index"] = torch.cat(
+            [torch.arange(b * t + max(n_masked - 1, 0), (b + 1) * t) for b in range(cfg.batch_size)]
+        ).to(device)
+    return batch

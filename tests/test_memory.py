@@ -59,6 +59,17 @@ def test_unknown_meter_is_refused():
         StackConfig(stack="checkpoint", seq_len=64, offload_async=False),
         StackConfig(stack="checkpoint", seq_len=40, offload="memory", cache_policy="all_linear"),
         StackConfig(stack="checkpoint", seq_len=40, offload_async=False, cache_policy="mlp"),
+        StackConfig(stack="softmax_approx", seq_len=48, softmax_k=64, offload_async=False),
+        StackConfig(
+            stack="logits_mask",
+            seq_len=48,
+            softmax_k=64,
+            softmax_rule="target_neighbors",
+            softmax_variant="chunked",
+            loss_chunk=100,
+            offload_async=False,
+        ),
+        StackConfig(stack="best", seq_len=48, loss_chunk=100, offload_async=False),
     ],
     ids=[
         "baseline",
@@ -69,6 +80,9 @@ def test_unknown_meter_is_refused():
         "checkpoint-disk",
         "checkpoint-memory-cache-all",
         "checkpoint-disk-cache-mlp",
+        "softmax-approx",
+        "logits-mask-neighbors-chunked",
+        "best",
     ],
 )
 def test_simulated_equals_cpu_to_the_byte(model, cfg):

@@ -14,9 +14,12 @@ from lowmem.stack import STACK, StackConfig, apply_stack, benchmark_batch, stack
         ({"seq_len": -5}, "bad seq_len=-5"),
         (
             {"stack": "lora_plus"},
-            "bad stack='lora_plus': must be one of baseline, lora, quantize, checkpoint",
+            "bad stack='lora_plus': must be one of baseline, lora, quantize, checkpoint, "
+            "softmax_approx, logits_mask, best",
         ),
-        ({"stack": "softmax_approx"}, "must be an implemented row"),
+        ({"softmax_k": 0}, "bad softmax_k=0"),
+        ({"softmax_rule": "random"}, "bad softmax_rule='random'"),
+        ({"softmax_variant": "fast"}, "bad softmax_variant='fast'"),
         ({"quant_bits": 3}, "bad quant_bits=3: must be one of (4, 8)"),
         ({"quant_group_size": 48}, "bad quant_group_size=48"),
         ({"lora_r": 0}, "bad lora_r=0"),
@@ -35,6 +38,9 @@ def test_every_row_is_a_prefix_of_the_stack():
     cfg = StackConfig(stack="lora")
     assert [cfg.enabled(t) for t in STACK] == [True, True, False, False, False, False]
     assert cfg.gqa_mode == "repeat_kv" and StackConfig(stack="quantize").gqa_mode == "native"
+    best = StackConfig(stack="best")
+    assert [best.enabled(t) for t in STACK] == [False, True, True, True, False, True]
+    assert best.enabled("fused_loss") and not cfg.enabled("fused_loss")
     assert StackConfig(lora_targets="q_proj,k_proj").lora_targets == ("q_proj", "k_proj")
 
 

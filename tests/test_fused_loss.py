@@ -1,0 +1,53 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowmem.fused_loss import chunked_logits, fused_cross_entropy
+from lowmem.memory import LiveStorageTracker
+from lowmem.quantize import QuantLinear, dequantize
+
+
+def _heads():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 777, bias=False).requires_grad_(False)
+    q = QuantLinear.from_linear(lin)
+    return [(lin, lin.weight), (q, dequantize(q.qweight))]
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 777, 5000])
+@pytest.mark.parametrize("which", [0, 1], ids=["fp32-head", "int4-head"])
+def test_fused_loss_equals_the_reference_loss_and_gradient(chunk, which):
+    head, weight = _heads()[which]
+    hidden = torch.randn(23, 64, requires_grad=True)
+    targets = torch.randint(0, 777, (23,))
+    targets[[0, 5]] = -100
+    ref_h = hidden.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy(ref_h @ weight.T, targets)
+    loss = fused_cross_entropy(hidden, targets, head, chunk=chunk)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(hidden.grad, ref_h.grad, rtol=1e-5, atol=1e-7)
+    h2 = hidden.detach().clone().requires_grad_(True)
+    torch.testing.assert_close(chunked_logits(h2, head, chunk), h2 @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_never_holds_an_n_by_v_tensor():
+    head, _ = _heads()[1]
+    n, chunk = 64, 100
+    hidden = torch.randn(n, 64, requires_grad=True)
+    targets = torch.randint(0, 777, (n,))
+    tracker = LiveStorageTracker()
+    tracker.register([hidden, targets, head.codes, head.scales])
+    base = tracker.live
+    with tracker:
+        fused_cross_entropy(hidden, targets, head, chunk=chunk).backward()
+    assert tracker.peak - base < n * 777 * 4  # below one N x V FP32 tensor
+
+
+def test_bad_chunk_and_trainable_head_are_refused():
+    lin = torch.nn.Linear(4, 10)
+    with pytest.raises(ValueError, match="bad chunk=0"):
+        fused_cross_entropy(torch.randn(2, 4), torch.tensor([1, 2]), lin.requires_grad_(False), 0)
+    with pytest.raises(ValueError, match="needs a frozen LM head"):
+        fused_cross_entropy(torch.randn(2, 4), torch.tensor([1, 2]), lin.requires_grad_(True))
