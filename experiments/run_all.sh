@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates every committed record and table (make experiments). Commands match the
-# experiment READMEs. ~10 min on 2 CPU cores, peak ~17 GB RAM (the 3B cpu-meter checks).
+# experiment READMEs. ~16 min on 2 CPU cores, peak ~17 GB RAM (the 3B cpu-meter checks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -129,11 +129,13 @@ class _LayerCheckpoint(torch.autograd.Function):
         _prefetch_weights(state, i - 1)
         params = [p for p in wrapper.layer.parameters() if p.requires_grad]
         start = time.perf_counter()
-        with torch.enable_grad(), _mode(state, "replay"), _weights_of(wrapper):
-            out = wrapper.inner_forward(hidden, **kwargs)
-        state.recompute_s += time.perf_counter() - start
         inputs = ([hidden] if ctx.hidden_requires_grad else []) + params
-        grads = list(torch.autograd.grad(out, inputs, grad_out))
+        # the weights stay loaded through this layer's backward (a tiled MLP recomputes there)
+        with _weights_of(wrapper):
+            with torch.enable_grad(), _mode(state, "replay"):
+                out = wrapper.inner_forward(hidden, **kwargs)
+            state.recompute_s += time.perf_counter() - start
+            grads = list(torch.autograd.grad(out, inputs, grad_out))
         grad_hidden = grads.pop(0) if ctx.hidden_requires_grad else None
         return (grad_hidden, None, *grads)
 

@@ -51,6 +51,9 @@ class LiveStorageTracker(TorchDispatchMode):
         self.peak_op = ""  # the op whose output set the peak, e.g. "aten.mm.default"
         self.phase_peaks: dict[str, int] = {}
         self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._shape: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.peak_tensors: list[dict] = []  # the largest live storages near the peak
+        self._snapshot_at = 0
         self._lock = threading.Lock()  # storages may die on an offload worker thread
 
     def register(self, tensors: Iterable[object]) -> None:
@@ -69,6 +72,7 @@ class LiveStorageTracker(TorchDispatchMode):
             return
         nbytes = storage.nbytes()
         self._seen[storage] = nbytes
+        self._shape[storage] = (tuple(t.shape), str(t.dtype).removeprefix("torch."))
         weakref.finalize(storage, self._free, nbytes)
         with self._lock:
             self.live += nbytes
@@ -76,6 +80,21 @@ class LiveStorageTracker(TorchDispatchMode):
             self.phase_peaks[self.phase] = self.live
         if self.live > self.peak:
             self.peak, self.peak_phase = self.live, self.phase
+            if self.live > 1.01 * self._snapshot_at:  # within 1% of the peak, cheaply
+                self._snapshot()
+
+    def _snapshot(self, top: int = 8) -> None:
+        """Group live storages by (shape, dtype); keep the `top` groups by bytes."""
+        self._snapshot_at = self.live
+        groups: dict[tuple, list[int]] = {}
+        for storage, nbytes in list(self._seen.items()):
+            g = groups.setdefault(self._shape.get(storage, ((), "?")), [0, 0])
+            g[0], g[1] = g[0] + 1, g[1] + nbytes
+        ranked = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+        self.peak_tensors = [
+            {"shape": list(shape), "dtype": dtype, "count": c, "bytes": b}
+            for (shape, dtype), (c, b) in ranked
+        ]
 
     def _free(self, nbytes: int) -> None:
         with self._lock:
@@ -173,6 +192,7 @@ def measure_step(
         "peak_gib": tracker.peak / GiB,
         "peak_phase": tracker.peak_phase,
         "peak_op": tracker.peak_op,
+        "peak_tensors": tracker.peak_tensors,
         "phase_peak_bytes": dict(tracker.phase_peaks),
         "resident_bytes": weight_bytes,  # parameters, buffers and the batch before the step
         "loss": None if meter == "simulated" else float(loss.detach()),

@@ -112,7 +112,7 @@ class DiskStore:
     """Entries as safetensors files in a private temporary directory, written asynchronously."""
 
     def __init__(self, root: str | os.PathLike | None = None, async_writes: bool = True) -> None:
-        self.async_writes = async_writes  # False: put() returns once the file is written
+        self.async_writes = async_writes  # False: all I/O on the calling thread, in order
         root = Path(root or Path(tempfile.gettempdir()) / "lowmem-offload")
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -134,11 +134,18 @@ class DiskStore:
                 f"{free} are free; pass another offload_dir"
             )
         tensors = {k: t.detach().contiguous() for k, t in entry.items()}
-        self._writes[key] = self._pool.submit(save_file, tensors, str(self._path(key)))
         self.stats["bytes_written"] += need
-        if not self.async_writes:
-            del tensors
-            self._wait(self._writes[key])
+        if self.async_writes:
+            self._writes[key] = self._pool.submit(save_file, tensors, str(self._path(key)))
+            return
+        # on this thread: the tensors are released before put() returns, deterministically
+        done: Future = Future()
+        try:
+            save_file(tensors, str(self._path(key)))
+            done.set_result(None)
+        except OSError as err:
+            raise OffloadError(f"offload I/O failed in {self.dir}: {err}") from err
+        self._writes[key] = done
 
     def prefetch(self, key: str) -> None:
         if key in self._reads or key not in self._writes:
@@ -147,7 +154,13 @@ class DiskStore:
         self._wait(write)  # a read can only start once its file is complete
         header, offset = _read_header(self._path(key))
         entry = {k: torch.empty(v["shape"], dtype=_DTYPES[v["dtype"]]) for k, v in header.items()}
-        self._reads[key] = (entry, self._pool.submit(_fill, self._path(key), header, offset, entry))
+        if self.async_writes:
+            read = self._pool.submit(_fill, self._path(key), header, offset, entry)
+        else:
+            _fill(self._path(key), header, offset, entry)
+            read = Future()
+            read.set_result(None)
+        self._reads[key] = (entry, read)
 
     def get(self, key: str, keep: bool = False) -> Entry:
         if key not in self._writes:

@@ -39,6 +39,6 @@ def paper_models() -> tuple[str, ...]:
 
 def paper_gib(model: str, stack: str, seq_len: int) -> float | None:
     """The paper's cell in GiB, None for OOM; KeyError if the paper has no such cell."""
-    if seq_len not in CONTEXTS:
-        raise KeyError(f"the paper has no context length {seq_len}; it has {CONTEXTS}")
+    if seq_len not in CONTEXTS or stack not in _ROWS or model not in _TABLE1:
+        raise KeyError(f"the paper has no cell ({model}, {stack}, {seq_len})")
     return _TABLE1[model][_ROWS.index(stack)][CONTEXTS.index(seq_len)]

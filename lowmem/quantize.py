@@ -126,18 +126,39 @@ def _expand_codes(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
 
 
 class _DequantLinear(torch.autograd.Function):
-    """y = x W^T with W dequantized for the matmul only; backward dequantizes it again."""
+    """y = x W^T with W dequantized for the matmul only; backward dequantizes it again.
+
+    chunk > 0 dequantizes `chunk` output rows at a time instead of the whole matrix.
+    """
 
     @staticmethod
-    def forward(ctx, x, codes, scales, zeros, bits, group):
+    def forward(ctx, x, codes, scales, zeros, bits, group, chunk=0):
         ctx.save_for_backward(codes, scales, zeros)  # the packed weight: already resident
-        ctx.fmt = (bits, group)
-        return x @ _expand(codes, scales, zeros, bits, group).T
+        ctx.fmt, ctx.chunk = (bits, group), chunk
+        if not chunk:
+            return x @ _expand(codes, scales, zeros, bits, group).T
+        y = x.new_empty(*x.shape[:-1], codes.shape[0])
+        for a in range(0, codes.shape[0], chunk):
+            w = _expand(*_rows(codes, scales, zeros, a, a + chunk), bits, group)
+            torch.matmul(x, w.T, out=y[..., a : a + chunk])
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         codes, scales, zeros = ctx.saved_tensors
-        return grad_y @ _expand(codes, scales, zeros, *ctx.fmt), None, None, None, None, None
+        if not ctx.chunk:
+            grad_x = grad_y @ _expand(codes, scales, zeros, *ctx.fmt)
+        else:
+            grad_x = None
+            for a in range(0, codes.shape[0], ctx.chunk):
+                w = _expand(*_rows(codes, scales, zeros, a, a + ctx.chunk), *ctx.fmt)
+                part = grad_y[..., a : a + ctx.chunk] @ w
+                grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None, None, None, None, None, None
+
+
+def _rows(codes, scales, zeros, start, stop):
+    return codes[start:stop], scales[start:stop], None if zeros is None else zeros[start:stop]
 
 
 class QuantLinear(torch.nn.Module):
@@ -147,6 +168,7 @@ class QuantLinear(torch.nn.Module):
         super().__init__()
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size = qw.bits, qw.group_size
+        self.chunk = 0  # output rows dequantized at a time; 0 = the whole matrix (the paper)
         self.register_buffer("codes", qw.codes)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("zeros", qw.zeros)
@@ -168,7 +190,9 @@ class QuantLinear(torch.nn.Module):
         return self.qweight.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _DequantLinear.apply(x, self.codes, self.scales, self.zeros, self.bits, self.group_size)
+        y = _DequantLinear.apply(
+            x, self.codes, self.scales, self.zeros, self.bits, self.group_size, self.chunk
+        )
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

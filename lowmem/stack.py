@@ -30,8 +30,9 @@ from transformers.integrations import sdpa_attention
 
 from lowmem.checkpoint import POLICIES, apply_checkpoint
 from lowmem.offload import OFFLOADS
-from lowmem.quantize import BACKENDS, BITS, GROUP_SIZES, apply_quantize
+from lowmem.quantize import BACKENDS, BITS, GROUP_SIZES, QuantLinear, apply_quantize
 from lowmem.softmax_approx import RULES, VARIANTS
+from lowmem.tiled_mlp import apply_tiled_mlp
 
 STACK = ("baseline", "lora", "quantize", "checkpoint", "softmax_approx", "logits_mask")
 # beyond the paper: every exact technique, no approximation of the loss
@@ -100,6 +101,11 @@ class StackConfig:
     """paper: full N x V logits/scores, subset gathered; chunked: never a whole N x V matrix."""
     loss_chunk: int = 4096
     """Vocabulary rows per chunk in the fused loss and the chunked softmax approximation."""
+    dequant_chunk: int = 0
+    """Output rows of a quantized layer dequantized at a time; 0 = the whole matrix (the paper)."""
+    mlp_tile: int = -1
+    """Tokens per MLP tile (lowmem.tiled_mlp): 0 = off, -1 = auto (off in the paper rows,
+    256 in best)."""
     gqa: str = "auto"
     """Grouped-query attention in SDPA: "repeat_kv" copies the K/V heads up to the query heads
     before the kernel; "native" passes enable_gqa=True and copies nothing; "auto" does what
@@ -154,6 +160,14 @@ class StackConfig:
             self.cache_policy,
             f"one of {', '.join(POLICIES)}",
         )
+        _check(self.dequant_chunk >= 0, "dequant_chunk", self.dequant_chunk, ">= 0")
+        _check(self.mlp_tile >= -1, "mlp_tile", self.mlp_tile, ">= -1")
+        _check(
+            not (self.resolved_mlp_tile and self.cache_policy in ("mlp", "all_linear")),
+            "cache_policy",
+            self.cache_policy,
+            "none or attention when the MLP is tiled",
+        )
         _check(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
         targets = self.lora_targets
         ok = targets == ("all-linear",) or (targets and set(targets) <= set(LINEAR_TARGETS))
@@ -176,6 +190,10 @@ class StackConfig:
         if self.gqa != "auto":
             return self.gqa
         return "native" if self.enabled("quantize") else "repeat_kv"
+
+    @property
+    def resolved_mlp_tile(self) -> int:
+        return self.mlp_tile if self.mlp_tile >= 0 else (256 if self.stack == "best" else 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -241,6 +259,11 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
         apply_quantize(
             model, cfg.quant_bits, cfg.quant_group_size, cfg.quant_symmetric, cfg.quant_backend
         )
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.chunk = cfg.dequant_chunk
+    if cfg.resolved_mlp_tile:
+        apply_tiled_mlp(model, cfg.resolved_mlp_tile)
     if cfg.enabled("checkpoint"):
         apply_checkpoint(
             model,

@@ -74,7 +74,7 @@ def test_streamed_weights_are_absent_between_uses_and_stored_in_files(tmp_path):
 
 
 def _failing_step(exc):
-    def step(model, batch, meter, keep_outputs=True):
+    def step(model, batch, meter, keep_outputs=True, loss_fn=None):
         loss = model(**batch).loss
         lora = next(p for n, p in model.named_parameters() if "layers.1" in n and p.requires_grad)
         lora.register_hook(lambda grad: (_ for _ in ()).throw(exc))

