@@ -9,7 +9,7 @@ import sys
 from lowmem import assets, paper, results
 from lowmem.memory import METERS
 from lowmem.models import REGISTRY, ModelError
-from lowmem.stack import LINEAR_TARGETS, ROWS, StackConfig, parse_spec
+from lowmem.stack import LINEAR_TARGETS, ROWS, parse_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="grouped-query attention path: repeat_kv (copy K/V heads), native, or auto "
         "(repeat_kv for baseline/lora, native from quantize on; see experiments/LOG.md)",
+    )
+    m.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other StackConfig field, e.g. --set softmax_k=100 --set mlp_tile=512",
     )
     m.add_argument(
         "--model-path", help="local Hugging Face directory with real weights (cpu/cuda meters only)"
@@ -149,12 +156,11 @@ def main(argv: list[str] | None = None) -> int:
 def _measure(args: argparse.Namespace) -> int:
     from lowmem.bench import run_cell
 
-    cfg = StackConfig(
-        stack=args.stack,
+    options = dict(
         seq_len=args.seq_len,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
+        lora_targets=tuple(args.lora_targets.split(",")),
         quant_bits=args.quant_bits,
         quant_group_size=args.quant_group_size,
         quant_symmetric=not args.quant_asymmetric,
@@ -165,6 +171,7 @@ def _measure(args: argparse.Namespace) -> int:
         stream_weights=not args.no_stream_weights,
         cache_policy=args.cache_policy,
     )
+    cfg = parse_spec(f"{args.stack}:{','.join(args.set)}", **options)
     record = run_cell(args.model, cfg, args.meter, model_path=args.model_path)
     if args.experiment:
         print(f"wrote {results.write_record(args.experiment, record)}", file=sys.stderr)

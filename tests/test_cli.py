@@ -88,3 +88,26 @@ def test_non_default_options_reach_the_config_and_the_run_id(capsys, results_tmp
     assert record["run_id"] == (
         "tiny-llama__quantize__T16__simulated__quant_bits=8__quant_group_size=0__gqa=repeat_kv"
     )
+
+
+def test_set_reaches_any_config_field(capsys):
+    code = main(
+        [
+            "measure",
+            "--model",
+            "tiny-llama",
+            "--stack",
+            "logits_mask",
+            "--seq-len",
+            "32",
+            "--set",
+            "softmax_k=50",
+            "--set",
+            "softmax_rule=target_neighbors",
+        ]
+    )
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["status"] == "ok", record["error"]
+    assert record["config"]["softmax_k"] == 50
+    assert record["config"]["softmax_rule"] == "target_neighbors"
+    assert main(["measure", "--model", "tiny-llama", "--set", "colour=red"]) == 2
