@@ -87,7 +87,8 @@ def test_error_against_the_exact_loss_is_within_budget_on_smollm2():
         h = hidden.clone().requires_grad_(True)
         loss = subset_cross_entropy(h, targets, head, k, rule, "chunked", emb)
         loss.backward()
-        err = float((exact - loss).abs() / exact)
+        err = float((exact - loss).abs().detach() / exact.detach())
         cos = float(F.cosine_similarity(h.grad.flatten(), h_ref.grad.flatten(), dim=0))
-        assert loss <= exact + 1e-4  # fewer terms in the normaliser
+        assert loss.detach() <= exact.detach() + 1e-4  # fewer terms in the normaliser
+        print(f"{rule} k={k}: relative loss error {err:.4f}, gradient cosine {cos:.4f}")
         assert err <= max_err and cos >= min_cos, (rule, k, err, cos)
