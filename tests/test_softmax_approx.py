@@ -57,12 +57,14 @@ def test_paper_and_chunked_variants_agree():
 
 
 # Budget, SmolLM2-135M final hidden states on Shakespeare (512 tokens), INT4 head: relative
-# loss error |CE_K - CE| / CE and cosine similarity of the hidden-state gradient.
+# loss error |CE_K - CE| / CE and cosine similarity of the hidden-state gradient. Measured:
+# model_topk K=1000 0.020 / 0.997, K=100 0.068 / 0.980; target_neighbors K=1000 0.382 / 0.768,
+# K=100 0.558 / 0.650.
 BUDGET = {
-    ("model_topk", 1000): (0.05, 0.95),
-    ("model_topk", 100): (0.25, 0.8),
-    ("target_neighbors", 1000): (0.6, 0.3),
-    ("target_neighbors", 100): (0.9, 0.1),
+    ("model_topk", 1000): (0.04, 0.99),
+    ("model_topk", 100): (0.12, 0.95),
+    ("target_neighbors", 1000): (0.5, 0.7),
+    ("target_neighbors", 100): (0.7, 0.55),
 }
 
 
