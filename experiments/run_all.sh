@@ -20,6 +20,8 @@ done
 $PY -m lowmem speed --model smollm2-135m --stacks lora quantize --seq-len 256 --steps 5 --experiment quant_speed >/dev/null
 $PY -m lowmem speed --model smollm2-135m --stacks quantize "checkpoint:offload=memory,stream_weights=false" \
     "checkpoint:offload=memory" checkpoint --seq-len 256 --steps 3 --experiment checkpoint_speed >/dev/null
+$PY -m lowmem speed --model smollm2-135m --stacks lora quantize checkpoint best --seq-len 256 \
+    --steps 3 --experiment best_speed >/dev/null
 for stack in lora checkpoint; do
   T=$([ $stack = lora ] && echo 512 || echo 1024)
   for meter in simulated cpu; do
