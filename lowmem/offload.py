@@ -123,6 +123,7 @@ class DiskStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmem-offload")
         self._writes: dict[str, Future] = {}
         self._reads: dict[str, tuple[Entry, Future]] = {}
+        self._devices: dict[str, dict[str, torch.device]] = {}
         self.stats = {"bytes_written": 0, "bytes_read": 0, "io_wait_s": 0.0}
 
     def put(self, key: str, entry: Entry) -> None:
@@ -133,7 +134,9 @@ class DiskStore:
                 f"not enough space in {self.dir}: an entry needs {need} bytes, "
                 f"{free} are free; pass another offload_dir"
             )
-        tensors = {k: t.detach().contiguous() for k, t in entry.items()}
+        # files hold host copies; `get` moves each tensor back to the device it came from
+        self._devices[key] = {k: t.device for k, t in entry.items()}
+        tensors = {k: t.detach().contiguous().cpu() for k, t in entry.items()}
         self.stats["bytes_written"] += need
         if self.async_writes:
             self._writes[key] = self._pool.submit(save_file, tensors, str(self._path(key)))
@@ -169,10 +172,11 @@ class DiskStore:
         entry, read = self._reads.pop(key)
         self._wait(read)
         self.stats["bytes_read"] += _nbytes(entry)
+        devices = self._devices[key]
         if not keep:
-            del self._writes[key]
+            del self._writes[key], self._devices[key]
             self._path(key).unlink()
-        return entry
+        return {k: t.to(devices[k]) for k, t in entry.items()}  # a no-op on the CPU
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
