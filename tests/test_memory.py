@@ -3,7 +3,7 @@ import torch
 
 from lowmem.bench import run_cell
 from lowmem.memory import LiveStorageTracker, meter_context
-from lowmem.stack import StackConfig
+from lowmem.stack import ROWS, StackConfig
 
 
 def test_tracker_counts_a_handmade_sequence_exactly():
@@ -96,9 +96,9 @@ def test_simulated_equals_cpu_to_the_byte(model, cfg):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("stack", ["baseline", "lora"])
+@pytest.mark.parametrize("stack", ROWS)
 def test_cuda_allocator_peak_matches_simulated(stack):
-    cfg = StackConfig(stack=stack, seq_len=512)
+    cfg = StackConfig(stack=stack, seq_len=512, softmax_k=100, offload_async=False)
     gpu = run_cell("tiny-llama", cfg, "cuda")
     fake = run_cell("tiny-llama", cfg, "simulated")
     assert gpu["status"] == "ok", gpu["error"]
