@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 METER ?= simulated
+EXP ?= table1
 
-.PHONY: setup assets reproduce experiments tables test test-slow lint format clean
+.PHONY: setup assets reproduce experiments grid tables test test-slow lint format clean
 
 setup: $(STAMP)  ## create .venv and install the pinned requirements (+ lowmem, editable)
 
@@ -24,6 +25,9 @@ reproduce: $(STAMP)  ## main job: Table 1 rows built so far, both models -> reco
 
 experiments: $(STAMP)  ## regenerate every committed record and table (~16 min, ~17 GB RAM)
 	bash experiments/run_all.sh
+
+grid: $(STAMP)  ## papermill grid, one notebook run per cell: make grid EXP=table1
+	$(OFFLINE) $(PY) -m lowmem grid experiments/$(EXP)
 
 tables: $(STAMP)  ## rebuild results/tables/ from the committed records only
 	$(PY) -m lowmem table table1

@@ -125,6 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     s.add_argument("--experiment", default="speed", help="folder under results/raw/")
 
+    g = sub.add_parser(
+        "grid",
+        help="run an experiment grid with papermill, one record per cell",
+        description="Execute notebooks/run_cell.ipynb with papermill for every cell of "
+        "FOLDER/grid.yaml (axes x overrides of experiments/defaults.yaml), skipping cells "
+        "already recorded; a crashed cell becomes a failed record and the grid carries on.",
+    )
+    g.add_argument("folder", help="experiment folder holding grid.yaml, e.g. experiments/table1")
+    g.add_argument("--force", action="store_true", help="re-run cells already recorded")
+
     r = sub.add_parser(
         "table",
         help="rebuild tables from records",
@@ -210,6 +220,14 @@ def _speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid(args: argparse.Namespace) -> int:
+    from lowmem.grid import run_grid
+
+    counts = run_grid(args.folder, force=args.force)
+    print(", ".join(f"{n} {k}" for k, n in counts.items()), file=sys.stderr)
+    return 0
+
+
 def _table(args: argparse.Namespace) -> int:
     csv, md = results.write_tables(args.experiment)
     if args.experiment == "table1" and results.update_readme("table1"):
@@ -228,6 +246,7 @@ def _assets(args: argparse.Namespace) -> int:
 _COMMANDS = {
     "measure": _measure,
     "speed": _speed,
+    "grid": _grid,
     "table1": _table1,
     "table": _table,
     "assets": _assets,

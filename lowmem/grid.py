@@ -1,0 +1,101 @@
+"""Grids of runs: an experiment folder's grid.yaml -> cells -> one papermill run per cell.
+
+`experiments/<name>/grid.yaml` names its axes (every combination is a cell) and overrides of
+`experiments/defaults.yaml`; a cell is the flat parameter set of `notebooks/run_cell.ipynb`
+(model, meter, experiment and the fields of `StackConfig`). Every cell is validated before any
+runs. Cells whose record exists are skipped unless forced; a cell that crashes the notebook
+becomes a `failed` record with the error, and the grid carries on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tempfile
+from pathlib import Path
+
+import papermill
+import yaml
+from tqdm.auto import tqdm
+
+from lowmem import results
+from lowmem.models import get_spec
+from lowmem.stack import StackConfig
+
+DEFAULTS = results.REPO_ROOT / "experiments" / "defaults.yaml"
+RUN_NOTEBOOK = results.REPO_ROOT / "notebooks" / "run_cell.ipynb"
+_FIELDS = tuple(f.name for f in dataclasses.fields(StackConfig))
+_KEYS = ("model", "meter", "experiment", *_FIELDS)
+
+
+def config_from_parameters(params: dict) -> StackConfig:
+    """The StackConfig of a cell's (or a notebook namespace's) flat parameters."""
+    return StackConfig(**{k: params[k] for k in _FIELDS if k in params})
+
+
+def load_grid(folder: str | Path) -> list[dict]:
+    """Every cell of the grid, validated: unknown keys, models or config values raise."""
+    folder = Path(folder)
+    path = folder / "grid.yaml"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; a grid folder needs a grid.yaml")
+    spec = yaml.safe_load(path.read_text()) or {}
+    base = {
+        **yaml.safe_load(DEFAULTS.read_text()),
+        "experiment": folder.name,
+        **(spec.get("overrides") or {}),
+    }
+    axes = spec.get("axes") or {}
+    cells = [
+        {**base, **dict(zip(axes, combo, strict=True))}
+        for combo in itertools.product(*axes.values())
+    ]
+    for cell in cells:
+        unknown = sorted(set(cell) - set(_KEYS))
+        if unknown:
+            raise ValueError(f"{path}: unknown parameter(s) {unknown}; allowed: {list(_KEYS)}")
+        get_spec(cell["model"])
+        config_from_parameters(cell)
+    return cells
+
+
+def run_grid(folder: str | Path, force: bool = False) -> dict:
+    """Execute the run notebook for each cell not recorded yet; count what happened."""
+    counts = {"ran": 0, "skipped": 0, "failed": 0}
+    cells = load_grid(folder)
+    for cell in tqdm(cells, desc=Path(folder).name, unit="cell"):
+        cfg = config_from_parameters(cell)
+        rid = results.run_id(cell["model"], cfg, cell["meter"])
+        if results.record_path(cell["experiment"], rid).exists() and not force:
+            counts["skipped"] += 1
+            continue
+        params = {**cell, "force": force}
+        if isinstance(params.get("lora_targets"), list | tuple):
+            params["lora_targets"] = ",".join(params["lora_targets"])
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                papermill.execute_notebook(
+                    str(RUN_NOTEBOOK),
+                    str(Path(tmp) / "out.ipynb"),
+                    parameters=params,
+                    kernel_name="python3",
+                    progress_bar=False,
+                )
+            counts["ran"] += 1
+        except papermill.PapermillExecutionError as err:
+            results.write_record(
+                cell["experiment"],
+                {
+                    "run_id": rid,
+                    "status": "failed",
+                    "model": cell["model"],
+                    "config": cfg.to_dict(),
+                    "meter": cell["meter"],
+                    "device": None,
+                    "metrics": {},
+                    "error": f"{err.ename}: {err.evalue}",
+                    "environment": results.environment(),
+                },
+            )
+            counts["failed"] += 1
+    return counts
