@@ -28,8 +28,9 @@ import weakref
 
 import torch
 
+from lowmem.models import base_model
 from lowmem.offload import make_store
-from lowmem.quantize import QuantLinear, _expand
+from lowmem.quantize import QuantLinear, input_grad
 
 POLICIES = {
     "none": (),
@@ -187,7 +188,9 @@ class CachedLinear(torch.nn.Module):
         if state.mode == "replay":
             y = state.store.get(self.key)["y"]
             q = self.inner
-            return _ReplayLinear.apply(x, y, q.codes, q.scales, q.zeros, q.bits, q.group_size)
+            return _ReplayLinear.apply(
+                x, y, q.codes, q.scales, q.zeros, q.bits, q.group_size, q.chunk
+            )
         return self.inner(x)
 
 
@@ -195,16 +198,15 @@ class _ReplayLinear(torch.autograd.Function):
     """Returns the cached y; backward gives grad_x = grad_y W, W dequantized on the spot."""
 
     @staticmethod
-    def forward(ctx, x, y, codes, scales, zeros, bits, group):
+    def forward(ctx, x, y, codes, scales, zeros, bits, group, chunk):
         ctx.save_for_backward(codes, scales, zeros)
-        ctx.fmt = (bits, group)
+        ctx.fmt = (bits, group, chunk)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        codes, scales, zeros = ctx.saved_tensors
-        grad_x = grad_y @ _expand(codes, scales, zeros, *ctx.fmt)
-        return grad_x, None, None, None, None, None, None
+        grad_x = input_grad(grad_y, *ctx.saved_tensors, *ctx.fmt)
+        return grad_x, None, None, None, None, None, None, None
 
 
 def apply_checkpoint(
@@ -219,7 +221,7 @@ def apply_checkpoint(
     """Checkpoint every decoder layer of a (peft) Hugging Face causal LM, in place."""
     if cache_policy not in POLICIES:
         raise ValueError(f"bad cache_policy={cache_policy!r}: must be one of {tuple(POLICIES)}")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     layers = base.model.layers
     state = Checkpointing(offload, meter, stream_weights, offload_dir, async_writes)
     weakref.finalize(base, state.close)  # files go when the model goes, or at exit
@@ -234,7 +236,7 @@ def apply_checkpoint(
 
 def checkpointing_of(model: torch.nn.Module) -> Checkpointing | None:
     """The Checkpointing state of a model that `apply_checkpoint` changed, else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return getattr(base, "lowmem_checkpointing", None)
 
 

@@ -25,18 +25,14 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.quantize import QuantLinear, _expand
-
-IGNORE_INDEX = -100
+from lowmem.quantize import QuantLinear, rows_of
+from lowmem.reference import IGNORE_INDEX
 
 
 def head_rows(head: torch.nn.Module, start: int, stop: int) -> torch.Tensor:
     """FP32 rows start:stop of a (quantized) LM head weight, C x D."""
     if isinstance(head, QuantLinear):
-        zeros = None if head.zeros is None else head.zeros[start:stop]
-        return _expand(
-            head.codes[start:stop], head.scales[start:stop], zeros, head.bits, head.group_size
-        )
+        return rows_of(head, start, stop)
     return head.weight[start:stop].detach()
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from lowmem.reference import IGNORE_INDEX
 
 
 def trainable_index(labels: torch.Tensor) -> torch.Tensor:

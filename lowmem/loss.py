@@ -16,8 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowmem.fused_loss import IGNORE_INDEX, chunked_logits, fused_cross_entropy
+from lowmem.fused_loss import chunked_logits, fused_cross_entropy
 from lowmem.logits_mask import shifted, trainable_rows
+from lowmem.models import base_model
+from lowmem.reference import IGNORE_INDEX
 from lowmem.softmax_approx import subset_cross_entropy
 
 
@@ -28,7 +30,7 @@ def compute_loss(model: torch.nn.Module, batch: dict, cfg) -> tuple[torch.Tensor
     if not (cfg.enabled("softmax_approx") or cfg.enabled("logits_mask")):
         out = model(**batch)
         return out.loss, out
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     hidden = base.model(input_ids=batch["input_ids"]).last_hidden_state
     head = base.get_output_embeddings()
     if cfg.enabled("logits_mask"):

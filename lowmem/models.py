@@ -163,6 +163,11 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return PreTrainedTokenizerFast(tokenizer_file=str(assets.require(asset) / file))
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def stored_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the frozen base model as stored (FP32 or packed), each storage counted once."""
     tensors = model.state_dict(keep_vars=True).values()

@@ -65,7 +65,7 @@ class MemoryStore:
         self.stats["bytes_written"] += _nbytes(entry)
 
     def prefetch(self, key: str) -> None:
-        pass
+        """Nothing to fetch: every entry is already in memory."""
 
     def get(self, key: str, keep: bool = False) -> Entry:
         entry = self._entries[key] if keep else self._entries.pop(key)

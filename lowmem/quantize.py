@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem.models import base_model
+
 BITS = (4, 8)
 GROUP_SIZES = (0, 32, 64, 128)  # 0 = one group per output row ("per channel")
 BACKENDS = ("lowmem", "bnb-nf4", "bnb-fp4")
@@ -145,16 +147,28 @@ class _DequantLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        codes, scales, zeros = ctx.saved_tensors
-        if not ctx.chunk:
-            grad_x = grad_y @ _expand(codes, scales, zeros, *ctx.fmt)
-        else:
-            grad_x = None
-            for a in range(0, codes.shape[0], ctx.chunk):
-                w = _expand(*_rows(codes, scales, zeros, a, a + ctx.chunk), *ctx.fmt)
-                part = grad_y[..., a : a + ctx.chunk] @ w
-                grad_x = part if grad_x is None else grad_x.add_(part)
+        grad_x = input_grad(grad_y, *ctx.saved_tensors, *ctx.fmt, ctx.chunk)
         return grad_x, None, None, None, None, None, None
+
+
+def input_grad(grad_y, codes, scales, zeros, bits: int, group: int, chunk: int = 0):
+    """grad_x = grad_y W for a packed W, dequantized whole or `chunk` rows at a time."""
+    if not chunk:
+        return grad_y @ _expand(codes, scales, zeros, bits, group)
+    grad_x = None
+    for a in range(0, codes.shape[0], chunk):
+        part = grad_y[..., a : a + chunk] @ _expand(
+            *_rows(codes, scales, zeros, a, a + chunk), bits, group
+        )
+        grad_x = part if grad_x is None else grad_x.add_(part)
+    return grad_x
+
+
+def rows_of(qlin: QuantLinear, start: int, stop: int) -> torch.Tensor:
+    """FP32 rows start:stop of a quantized linear's weight; nothing else expands."""
+    return _expand(
+        *_rows(qlin.codes, qlin.scales, qlin.zeros, start, stop), qlin.bits, qlin.group_size
+    )
 
 
 def _rows(codes, scales, zeros, start, stop):
@@ -247,7 +261,7 @@ def apply_quantize(
     """
     if backend not in BACKENDS:
         raise ValueError(f"bad quant_backend={backend!r}: must be one of {BACKENDS}")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head, emb = base.get_output_embeddings(), base.get_input_embeddings()
     tied = head.weight is emb.weight
     replaced = []  # (FP weight, its quantized module)

@@ -30,8 +30,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lowmem.fused_loss import IGNORE_INDEX, chunked_logits, head_rows
+from lowmem.fused_loss import chunked_logits, head_rows
 from lowmem.quantize import QuantEmbedding, QuantLinear, dequantize_rows
+from lowmem.reference import IGNORE_INDEX
 
 RULES = ("model_topk", "target_neighbors")
 VARIANTS = ("paper", "chunked")

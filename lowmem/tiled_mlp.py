@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from lowmem.models import base_model
+
 
 def apply_tiled_mlp(model: torch.nn.Module, tile: int) -> int:
     """Run every decoder layer's MLP in tiles of `tile` tokens; returns the number wrapped."""
     if tile <= 0:
         raise ValueError(f"bad mlp_tile={tile}: must be > 0")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     for layer in base.model.layers:
         mlp = layer.mlp
         inner = mlp.forward
