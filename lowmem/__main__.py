@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     g.add_argument("folder", help="experiment folder holding grid.yaml, e.g. experiments/table1")
     g.add_argument("--force", action="store_true", help="re-run cells already recorded")
+    g.add_argument("--meter", choices=METERS, help="measure every cell on this meter instead")
 
     r = sub.add_parser(
         "table",
@@ -223,7 +224,7 @@ def _speed(args: argparse.Namespace) -> int:
 def _grid(args: argparse.Namespace) -> int:
     from lowmem.grid import run_grid
 
-    counts = run_grid(args.folder, force=args.force)
+    counts = run_grid(args.folder, force=args.force, meter=args.meter)
     print(", ".join(f"{n} {k}" for k, n in counts.items()), file=sys.stderr)
     return 0
 

@@ -1,8 +1,10 @@
 """Grids of runs: an experiment folder's grid.yaml -> cells -> one papermill run per cell.
 
 `experiments/<name>/grid.yaml` names its axes (every combination is a cell) and overrides of
-`experiments/defaults.yaml`; a cell is the flat parameter set of `notebooks/run_cell.ipynb`
-(model, meter, experiment and the fields of `StackConfig`). Every cell is validated before any
+`experiments/defaults.yaml`; `axes` may also be a list of such blocks, and the grid is then the
+union of their products (e.g. one block on the 3B models, one on a small model). A cell is the
+flat parameter set of `notebooks/run_cell.ipynb` (model, meter, experiment and the fields of
+`StackConfig`). Every cell is validated before any
 runs. Cells whose record exists are skipped unless forced; a cell that crashes the notebook
 becomes a `failed` record with the error, and the grid carries on.
 """
@@ -19,6 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from lowmem import results
+from lowmem.memory import METERS
 from lowmem.models import get_spec
 from lowmem.stack import StackConfig
 
@@ -33,8 +36,11 @@ def config_from_parameters(params: dict) -> StackConfig:
     return StackConfig(**{k: params[k] for k in _FIELDS if k in params})
 
 
-def load_grid(folder: str | Path) -> list[dict]:
-    """Every cell of the grid, validated: unknown keys, models or config values raise."""
+def load_grid(folder: str | Path, meter: str | None = None) -> list[dict]:
+    """Every cell of the grid, validated: unknown keys, models or config values raise.
+
+    `meter` (e.g. "cuda") replaces every cell's meter.
+    """
     folder = Path(folder)
     path = folder / "grid.yaml"
     if not path.is_file():
@@ -45,9 +51,11 @@ def load_grid(folder: str | Path) -> list[dict]:
         "experiment": folder.name,
         **(spec.get("overrides") or {}),
     }
-    axes = spec.get("axes") or {}
+    blocks = spec.get("axes") or {}
+    blocks = blocks if isinstance(blocks, list) else [blocks]
     cells = [
-        {**base, **dict(zip(axes, combo, strict=True))}
+        {**base, **dict(zip(axes, combo, strict=True)), **({"meter": meter} if meter else {})}
+        for axes in blocks
         for combo in itertools.product(*axes.values())
     ]
     for cell in cells:
@@ -55,14 +63,16 @@ def load_grid(folder: str | Path) -> list[dict]:
         if unknown:
             raise ValueError(f"{path}: unknown parameter(s) {unknown}; allowed: {list(_KEYS)}")
         get_spec(cell["model"])
+        if cell["meter"] not in METERS:
+            raise ValueError(f"unknown meter {cell['meter']!r}; choose one of {', '.join(METERS)}")
         config_from_parameters(cell)
     return cells
 
 
-def run_grid(folder: str | Path, force: bool = False) -> dict:
+def run_grid(folder: str | Path, force: bool = False, meter: str | None = None) -> dict:
     """Execute the run notebook for each cell not recorded yet; count what happened."""
     counts = {"ran": 0, "skipped": 0, "failed": 0}
-    cells = load_grid(folder)
+    cells = load_grid(folder, meter)
     for cell in tqdm(cells, desc=Path(folder).name, unit="cell"):
         cfg = config_from_parameters(cell)
         rid = results.run_id(cell["model"], cfg, cell["meter"])

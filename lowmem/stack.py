@@ -115,8 +115,9 @@ class StackConfig:
     """Seed for random weights, adapter init and the benchmark tokens."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora_targets, str):
-            object.__setattr__(self, "lora_targets", tuple(self.lora_targets.split(",")))
+        targets = self.lora_targets
+        targets = targets.split(",") if isinstance(targets, str) else targets
+        object.__setattr__(self, "lora_targets", tuple(targets))  # a YAML list comes in too
         _check(self.stack in ROWS, "stack", self.stack, f"one of {', '.join(ROWS)}")
         _check(
             self.softmax_rule in RULES,

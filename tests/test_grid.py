@@ -30,12 +30,28 @@ def test_grid_cells_expand_axes_over_the_defaults(tmp_path):
     assert len(grid.load_grid(grid.results.REPO_ROOT / "experiments" / "table1")) == 70
 
 
+def test_a_list_of_axis_blocks_is_the_union_of_their_products(tmp_path):
+    folder = _grid(
+        tmp_path,
+        "overrides:\n  stack: checkpoint\naxes:\n"
+        "  - cache_policy: [none, mlp]\n    offload: [disk, memory]\n"
+        "  - model: [tiny-llama]\n    lora_targets: [[q_proj, v_proj], [all-linear]]\n",
+    )
+    cells = grid.load_grid(folder)
+    assert len(cells) == 6 and all(c["stack"] == "checkpoint" for c in cells)
+    assert sum(c["model"] == "tiny-llama" for c in cells) == 2
+    targets = {grid.config_from_parameters(c).lora_targets for c in cells}
+    assert targets == {("q_proj", "v_proj"), ("all-linear",)}
+    assert {c["meter"] for c in grid.load_grid(folder, meter="cpu")} == {"cpu"}
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
         ("axes:\n  colour: [red]\n", "unknown parameter(s) ['colour']"),
         ("axes:\n  model: [gpt-5]\n", "unknown model 'gpt-5'"),
         ("axes:\n  seq_len: [0]\n", "bad seq_len=0"),
+        ("axes:\n  meter: [gpu]\n", "unknown meter 'gpu'"),
     ],
 )
 def test_bad_grids_are_refused_before_any_run(tmp_path, text, message):
