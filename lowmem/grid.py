@@ -39,7 +39,8 @@ def config_from_parameters(params: dict) -> StackConfig:
 def load_grid(folder: str | Path, meter: str | None = None) -> list[dict]:
     """Every cell of the grid, validated: unknown keys, models or config values raise.
 
-    `meter` (e.g. "cuda") replaces every cell's meter.
+    `meter` (e.g. "cuda") replaces every cell's meter; cells whose meter it changes write to
+    the experiment `<name>_<meter>`, so real measurements never mix with the committed ones.
     """
     folder = Path(folder)
     path = folder / "grid.yaml"
@@ -54,10 +55,13 @@ def load_grid(folder: str | Path, meter: str | None = None) -> list[dict]:
     blocks = spec.get("axes") or {}
     blocks = blocks if isinstance(blocks, list) else [blocks]
     cells = [
-        {**base, **dict(zip(axes, combo, strict=True)), **({"meter": meter} if meter else {})}
+        {**base, **dict(zip(axes, combo, strict=True))}
         for axes in blocks
         for combo in itertools.product(*axes.values())
     ]
+    for cell in cells:
+        if meter and meter != cell["meter"]:
+            cell.update(meter=meter, experiment=f"{cell['experiment']}_{meter}")
     for cell in cells:
         unknown = sorted(set(cell) - set(_KEYS))
         if unknown:

@@ -42,7 +42,10 @@ def test_a_list_of_axis_blocks_is_the_union_of_their_products(tmp_path):
     assert sum(c["model"] == "tiny-llama" for c in cells) == 2
     targets = {grid.config_from_parameters(c).lora_targets for c in cells}
     assert targets == {("q_proj", "v_proj"), ("all-linear",)}
-    assert {c["meter"] for c in grid.load_grid(folder, meter="cpu")} == {"cpu"}
+    on_cpu = grid.load_grid(folder, meter="cpu")
+    assert {c["meter"] for c in on_cpu} == {"cpu"} and {c["experiment"] for c in on_cpu} == {
+        "mygrid_cpu"
+    }
 
 
 @pytest.mark.parametrize(
