@@ -6,7 +6,8 @@
 - `waterfall`: at 2048 tokens, the GiB each technique saves over the row before it, ours beside
   the paper's (symmetric log scale: the first savings are tens of GiB, the last a few hundred
   MiB, and a technique that costs memory shows below zero).
-- `softmax_k`: peak vs the subset size K of the softmax approximation, per rule and variant.
+- `softmax_k`: peak vs the subset size K of the softmax approximation, per rule and variant
+  (log scales).
 - `trainable_fraction`: peak vs the share of trainable positions, per stack row.
 
 `python -m lowmem figures` draws every figure whose records exist and lists what it wrote.
@@ -100,8 +101,17 @@ def draw_ablation(records: list[dict], path: Path, x: str, hue: str, style: str 
     frame = results.config_frame(records)
     frame = frame[frame["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    sns.lineplot(data=frame, x=x, y="peak_gib", hue=hue, style=style, markers=True, ax=ax)
-    ax.set(ylabel="peak GiB", title=", ".join(sorted(set(frame["model"]))))
+    sns.lineplot(
+        data=frame,
+        x=x,
+        y="peak_gib",
+        hue=hue,
+        style=style or hue,
+        markers=True,
+        dashes=False,
+        ax=ax,
+    )
+    ax.set(ylabel="peak GiB", title=", ".join(sorted(set(frame["model"]))), yscale="log")
     if x == "softmax_k":
         ax.set_xscale("log")
     return _save(fig, path)
@@ -116,7 +126,7 @@ FIGURES = {
     ),
     "trainable_fraction": (
         "trainable_fraction",
-        lambda r, p: draw_ablation(r, p, "trainable_fraction", "label", None),
+        lambda r, p: draw_ablation(r, p, "trainable_fraction", "stack", None),
     ),
 }
 
