@@ -18,7 +18,8 @@ Two variants of the computation:
   (or from the similarity matrix) and the K subset logits are gathered from them. Memory: the
   logits and one N x V score matrix in forward, an N x V gradient in backward.
 - `chunked`: scores are computed one vocabulary chunk at a time keeping a running top-K, and
-  the K subset logits are computed from the K gathered rows of W, a few positions at a time,
+  the K subset logits are computed from the K gathered rows of W, max(1, C // K) positions at a
+  time (at most max(C, K) rows of W, e.g. 4096 x 3072 x 4 B = 48 MiB on Llama for K <= 4096),
   recomputed in backward: never more than a chunk of an N x V matrix.
 
 Numerics: CE_K <= CE (fewer terms in the normaliser), so the approximation under-estimates the
@@ -71,7 +72,7 @@ def subset_cross_entropy(
             subset = _with_target(
                 _chunked_topk(hidden, targets, head, embedding, rule, k, chunk), targets
             )
-        sub_logits = _SubsetLogits.apply(hidden, subset, head)
+        sub_logits = _SubsetLogits.apply(hidden, subset, head, max(1, chunk // k))
     position = (subset == targets.clamp(min=0)[:, None]).to(torch.uint8).argmax(dim=1)
     position = torch.where(targets == IGNORE_INDEX, IGNORE_INDEX, position)
     return F.cross_entropy(sub_logits, position, ignore_index=IGNORE_INDEX)
@@ -118,27 +119,24 @@ def _chunked_topk(hidden, targets, head, embedding, rule, k, chunk) -> torch.Ten
 
 
 class _SubsetLogits(torch.autograd.Function):
-    """z[n, j] = h[n] . W[subset[n, j]], a few rows at a time; recomputed W rows in backward."""
-
-    ROWS = 8
+    """z[n, j] = h[n] . W[subset[n, j]], r positions at a time; W rows regathered in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, subset, head):
-        r = _SubsetLogits.ROWS
+    def forward(ctx, hidden, subset, head, r):
         out = torch.empty(subset.shape, dtype=hidden.dtype, device=hidden.device)
         for a in range(0, hidden.shape[0], r):
             w = _embedding_rows(head, subset[a : a + r])  # r x K x D
             out[a : a + r] = torch.einsum("rd,rkd->rk", hidden[a : a + r], w)
         ctx.save_for_backward(hidden, subset)
-        ctx.head = head
+        ctx.head, ctx.r = head, r
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, subset = ctx.saved_tensors
-        r = _SubsetLogits.ROWS
+        r = ctx.r
         grad_hidden = torch.empty_like(hidden)
         for a in range(0, hidden.shape[0], r):
             w = _embedding_rows(ctx.head, subset[a : a + r])
             grad_hidden[a : a + r] = torch.einsum("rk,rkd->rd", grad_out[a : a + r], w)
-        return grad_hidden, None, None
+        return grad_hidden, None, None, None
