@@ -1,10 +1,41 @@
+import ast
+import dataclasses
 import json
 from pathlib import Path
 
 import papermill
 import pytest
 
+from lowmem.stack import StackConfig
+
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+# one study notebook per technique (STYLE.md: one technique = one module = one notebook)
+STUDIES = (
+    "01_lora",
+    "02_quantize",
+    "03_checkpoint",
+    "04_softmax_approx",
+    "05_logits_mask",
+    "06_fused_loss",
+)
+# a parameters cell names config fields, plus what says where and how a notebook measures
+PARAMETER_NAMES = {f.name for f in dataclasses.fields(StackConfig)} | {
+    "model",
+    "meter",
+    "experiment",
+    "force",
+    "paper_model",
+    "n_contexts",
+}
+
+
+def _parameters_cell(path: Path) -> dict:
+    cells = json.loads(path.read_text())["cells"]
+    return next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
+
+
+def test_every_technique_has_a_study_notebook():
+    assert set(STUDIES) <= {p.stem for p in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -13,6 +44,17 @@ def test_notebook_is_committed_without_outputs(path):
     code = [c for c in cells if c["cell_type"] == "code"]
     assert all(not c["outputs"] and c["execution_count"] is None for c in code)
     assert any("parameters" in c["metadata"].get("tags", []) for c in code)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_are_flat_scalars_named_like_config_fields(path):
+    tree = ast.parse("".join(_parameters_cell(path)["source"]))
+    for stmt in tree.body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1, ast.unparse(stmt)
+        target = stmt.targets[0]
+        assert isinstance(target, ast.Name) and target.id in PARAMETER_NAMES, ast.unparse(stmt)
+        value = ast.literal_eval(stmt.value)  # raises unless a literal (-1 included)
+        assert isinstance(value, str | int | float | bool), ast.unparse(stmt)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -29,3 +71,5 @@ def test_notebook_runs_under_papermill_and_writes_ok_records(path, tmp_path, res
     assert records
     statuses = {json.loads(p.read_text())["status"] for p in records}
     assert statuses <= {"ok", "oom"} and "ok" in statuses
+    if path.stem in STUDIES:  # a study writes one record: its technique's row, status ok
+        assert len(records) == 1 and statuses == {"ok"}
