@@ -164,6 +164,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     a.add_argument("--force", action="store_true", help="fetch again even if present")
 
+    n = sub.add_parser(
+        "train",
+        help="LoRA fine-tuning under a stack row: adapter, checkpoints, log",
+        description="Fine-tune LoRA adapters on a task under a stack row; write OUT/adapter/ "
+        "(PEFT), OUT/checkpoint/, OUT/log.jsonl and OUT/summary.json, and print the summary.",
+    )
+    n.add_argument("--model", required=True, choices=list(REGISTRY), help="registered model")
+    n.add_argument(
+        "--task", default="shakespeare", help="shakespeare, sharegpt, or a .jsonl / .json file"
+    )
+    n.add_argument("--limit", type=int, help="use only the first N conversations (or plays)")
+    n.add_argument("--stack", default="lora", choices=ROWS, help=f"stack row ({ROWS})")
+    n.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any TrainConfig or StackConfig field, e.g. --set offload=memory "
+        "--set weight_decay=0.01",
+    )
+    n.add_argument(
+        "--init",
+        choices=("random", "pretrained"),
+        help="base weights (default: pretrained where the model has them, else random)",
+    )
+    n.add_argument("--model-path", help="local Hugging Face directory with real weights")
+    n.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    n.add_argument("--seq-len", type=int, default=256, help="tokens per row (T)")
+    n.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (B)")
+    n.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    n.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    n.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    n.add_argument("--schedule", default="cosine", help="after warmup: cosine, linear, constant")
+    n.add_argument("--max-grad-norm", type=float, default=1.0, help="clip norm; 0 = no clipping")
+    n.add_argument("--eval-every", type=int, default=50, help="steps between evals; 0 = never")
+    n.add_argument("--eval-batches", type=int, default=8, help="eval batches; 0 = whole set")
+    n.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    n.add_argument("--seed", type=int, default=0, help="seed of init, data order and RNGs")
+    n.add_argument("--meter", default="cpu", choices=("cpu", "cuda"), help="memory meter")
+    n.add_argument("--out", required=True, help="run folder")
+    n.add_argument("--resume", action="store_true", help="continue the run in --out")
+
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
@@ -260,6 +302,46 @@ def _assets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lowmem.models import get_spec, load_tokenizer
+    from lowmem.resume import check_run
+    from lowmem.train import make_config, run_identity, train, training_model
+
+    cfg = make_config(
+        args.stack,
+        args.set,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        max_grad_norm=args.max_grad_norm,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    has_weights = args.model_path or get_spec(args.model).gguf_asset
+    init = args.init or ("pretrained" if has_weights else "random")
+    tags = {"model": args.model, "task": args.task, "limit": args.limit, "init": init}
+    check_run(Path(args.out), run_identity(cfg, tags), args.resume)  # before the slow loads
+    from lowmem.data import load_task  # imported here: the CLI works without the data module
+
+    task = load_task(
+        args.task, load_tokenizer(args.model), args.seq_len, limit=args.limit, seed=args.seed
+    )
+    train_ds, eval_ds = (task.train, task.test) if hasattr(task, "train") else task
+    device = "cuda" if args.meter == "cuda" else "cpu"
+    with training_model(args.model, cfg.stack, init, device, args.model_path) as model:
+        summary = train(model, cfg, train_ds, eval_ds, args.out, args.resume, args.meter, tags)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 _COMMANDS = {
     "measure": _measure,
     "speed": _speed,
@@ -268,6 +350,7 @@ _COMMANDS = {
     "table": _table,
     "figures": _figures,
     "assets": _assets,
+    "train": _train,
 }
 
 if __name__ == "__main__":

@@ -1,0 +1,155 @@
+"""One training step: which rows, forward + backward over micro-batches, its peak memory; and
+the evaluation pass (exact loss, eval mode, no_grad).
+
+Data order: epoch e's order is a permutation of the rows drawn from (seed, e), and micro-batch p
+of a run is B consecutive rows of it (the last n mod B rows of each epoch are left out). The
+data position p is thus the whole state of the data order: a resumed run needs p, not a
+generator's state, and any (seed, p) names the same rows on every machine.
+
+Gradient accumulation: a micro-batch's loss is the mean over its N_i trainable tokens. Scaled by
+N_i / N (N = the step's total) before backward, the accumulated gradient is that of the mean
+over all N tokens, which is what one batch of grad_accum x B rows gives (equal within FP32
+summation order; tests: rtol 1e-5). Dividing by grad_accum instead would weight each token of
+a short reply more than one of a long reply.
+
+Memory: the meter watches the whole step, optimizer included. AdamW keeps two FP32 moments per
+trainable parameter, created in the first step and resident from then on. Llama-3.2 3B, r = 16
+on q_proj and v_proj: 4.59e6 x (4 B weight + 4 B gradient + 8 B moments) = 70 MiB, small beside
+the activations, so the peak usually falls in backward, which from step 2 on carries the
+moments too. `cpu`: lowmem.memory's LiveStorageTracker, one for the whole run, its peak reset
+at each step (storages that exist before it, parameters, batches, optimizer state loaded from
+a checkpoint, are registered); `cuda`: torch.cuda.max_memory_allocated, reset at each step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from lowmem.loss import compute_loss
+from lowmem.memory import LiveStorageTracker, module_tensors
+from lowmem.reference import trainable_positions
+from lowmem.stack import StackConfig
+
+COLUMNS = ("input_ids", "labels")
+
+
+class BatchOrder:
+    """Micro-batch p of a run: B rows of epoch p // (n // B)'s permutation, drawn from
+    (seed, epoch); the last n % B rows of each permutation are left out."""
+
+    def __init__(self, ds: Dataset, batch_size: int, seed: int) -> None:
+        self.ds = ds.select_columns(list(COLUMNS)).with_format("torch")
+        self.batch_size, self.seed = batch_size, seed
+        self.per_epoch = len(ds) // batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def rows(self, position: int) -> list[int]:
+        epoch, k = divmod(position, self.per_epoch)
+        if epoch != self._epoch:
+            seed = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
+            gen = torch.Generator().manual_seed(int(seed))
+            self._epoch, self._perm = epoch, torch.randperm(len(self.ds), generator=gen)
+        return self._perm[k * self.batch_size : (k + 1) * self.batch_size].tolist()
+
+    def batch(self, position: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return to_batch(self.ds, self.rows(position), device)
+
+
+def to_batch(ds: Dataset, rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """B x T `input_ids` and `labels` of dataset rows (a dataset in torch format)."""
+    got = ds[rows]
+    batch = {}
+    for column in COLUMNS:
+        value = got[column]
+        if not isinstance(value, torch.Tensor):  # ragged rows come back as a list
+            lengths = sorted({len(r) for r in value})
+            raise ValueError(
+                f"rows {rows} have {column} of lengths {lengths}: every row must have the "
+                "same length (pad with -100 labels)"
+            )
+        batch[column] = value.to(device=device, dtype=torch.long)
+    if batch["input_ids"].shape != batch["labels"].shape:
+        raise ValueError(f"rows {rows}: input_ids and labels differ in length")
+    return batch
+
+
+def accumulate(
+    model: torch.nn.Module,
+    stack: StackConfig,
+    batches: list[dict[str, torch.Tensor]],
+    mark: Callable[[str], None] = lambda phase: None,
+) -> tuple[float, int]:
+    """Forward + backward of micro-batches, each loss weighted by its share of the trainable
+    tokens, so the gradients add up to one batch's; returns (mean loss, trainable tokens)."""
+    counts = [trainable_positions(b["labels"]) for b in batches]
+    total, loss_sum = sum(counts), 0.0
+    for batch, n in zip(batches, counts, strict=True):
+        if n == 0:  # a mean over no tokens is NaN; its share of the gradient is zero
+            continue
+        mark("forward")
+        loss = compute_loss(model, batch, stack)[0]  # the output (logits) is not kept
+        mark("backward")
+        (loss * (n / total)).backward()
+        loss_sum += float(loss.detach()) * n
+    return (loss_sum / total if total else float("nan")), total
+
+
+class StepMeter:
+    """Peak bytes of whole training steps: LiveStorageTracker (cpu) or the CUDA allocator."""
+
+    def __init__(self, meter: str, model: torch.nn.Module, optimizer) -> None:
+        self.meter = meter
+        self.tracker = LiveStorageTracker() if meter == "cpu" else None
+        if self.tracker is not None:  # what exists before the first measured step
+            self.tracker.register(module_tensors(model))
+            for state in optimizer.state.values():  # loaded from a checkpoint
+                self.tracker.register(state.values())
+
+    @contextlib.contextmanager
+    def step(self, batches: list[dict[str, torch.Tensor]]) -> Iterator[None]:
+        if self.tracker is None:
+            torch.cuda.reset_peak_memory_stats()
+            yield
+            return
+        t = self.tracker
+        t.peak, t.peak_phase, t.phase_peaks = t.live, "start", {}
+        for batch in batches:
+            t.register(batch.values())
+        with t:
+            yield
+
+    def mark(self, phase: str) -> None:
+        if self.tracker is not None:
+            self.tracker.mark(phase)
+
+    def result(self) -> dict:
+        if self.tracker is None:
+            return {"peak_bytes": torch.cuda.max_memory_allocated(), "peak_phase": None}
+        return {"peak_bytes": self.tracker.peak, "peak_phase": self.tracker.peak_phase}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, stack: StackConfig, ds: Dataset, batch_size: int, batches: int = 0
+) -> float:
+    """Exact mean cross-entropy over the trainable tokens of the first `batches` batches."""
+    ds = ds.select_columns(list(COLUMNS)).with_format("torch")
+    device = next(model.parameters()).device
+    stop = min(len(ds), batches * batch_size) if batches else len(ds)
+    was_training, loss_sum, total = model.training, 0.0, 0
+    model.eval()
+    try:
+        for start in range(0, stop, batch_size):
+            batch = to_batch(ds, list(range(start, min(start + batch_size, stop))), device)
+            n = trainable_positions(batch["labels"])
+            if n:
+                loss_sum += float(compute_loss(model, batch, stack)[0]) * n
+                total += n
+    finally:
+        model.train(was_training)
+    return loss_sum / total if total else float("nan")
