@@ -1,4 +1,5 @@
-"""Command line: `python -m lowmem {measure,speed,grid,table1,table,figures,assets} --help`."""
+"""Command line: `python -m lowmem {measure,speed,grid,table1,table,figures,train,quality,assets}
+--help`."""
 
 from __future__ import annotations
 
@@ -143,6 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("experiment", nargs="?", default="table1", help="folder under results/raw/")
 
+    q = sub.add_parser(
+        "quality",
+        help="the quality table: LoRA fine-tuning of SmolLM2-135M under each stack row",
+        description="Train every (task, row) not recorded yet with the same data, seed and "
+        "steps (lowmem.quality), write results/raw/quality/<task>__<row>.json, then "
+        "results/tables/quality.{csv,md}.",
+    )
+    q.add_argument("--tasks", nargs="+", default=None, help="sharegpt and/or shakespeare")
+    q.add_argument("--rows", nargs="+", default=None, help="rows of lowmem.quality.ROWS")
+    q.add_argument("--force", action="store_true", help="train rows already recorded again")
+
     sub.add_parser(
         "figures",
         help="draw the figures from the records",
@@ -280,11 +292,30 @@ def _grid(args: argparse.Namespace) -> int:
 
 
 def _table(args: argparse.Namespace) -> int:
-    csv, md = results.write_tables(args.experiment)
+    if args.experiment == "quality":
+        from lowmem.quality import write_table
+
+        csv, md = write_table()
+    else:
+        csv, md = results.write_tables(args.experiment)
     if args.experiment == "table1" and results.update_readme("table1"):
         print("updated the results table in README.md", file=sys.stderr)
     print(md.read_text())
     print(f"wrote {csv} and {md}", file=sys.stderr)
+    return 0
+
+
+def _quality(args: argparse.Namespace) -> int:
+    from lowmem import quality
+
+    for name in args.tasks or ():
+        if name not in quality.TASKS:
+            raise ValueError(f"unknown task {name!r}; choose from {', '.join(quality.TASKS)}")
+    for row in args.rows or ():
+        if row not in quality.ROWS:
+            raise ValueError(f"unknown row {row!r}; choose from {', '.join(quality.ROWS)}")
+    quality.run(args.tasks or quality.TASKS, args.rows or quality.PRIORITY, force=args.force)
+    print((results.results_dir() / "tables" / "quality.md").read_text())
     return 0
 
 
@@ -348,6 +379,7 @@ _COMMANDS = {
     "grid": _grid,
     "table1": _table1,
     "table": _table,
+    "quality": _quality,
     "figures": _figures,
     "assets": _assets,
     "train": _train,

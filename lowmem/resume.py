@@ -219,7 +219,7 @@ def summarize(entries: list[dict], meter: str) -> dict:
     """Final and per-step train losses, eval losses, peak memory and speed of a run's log."""
     steps = [e for e in entries if "loss" in e]
     evals = [e for e in entries if "eval_loss" in e]
-    peak = max((e["peak_bytes"] for e in steps), default=None)
+    peak = max((e["peak_bytes"] for e in steps if e["peak_bytes"] is not None), default=None)
     return {
         "steps": len(steps),
         "final_loss": steps[-1]["loss"] if steps else None,

@@ -102,8 +102,10 @@ def accumulate(
 class StepMeter:
     """Peak bytes of whole training steps: LiveStorageTracker (cpu) or the CUDA allocator."""
 
-    def __init__(self, meter: str, model: torch.nn.Module, optimizer) -> None:
+    def __init__(self, meter: str, model: torch.nn.Module, optimizer, steps: int = 0) -> None:
         self.meter = meter
+        self.remaining = steps or None  # None: measure every step
+        self.measured = False
         self.tracker = LiveStorageTracker() if meter == "cpu" else None
         if self.tracker is not None:  # what exists before the first measured step
             self.tracker.register(module_tensors(model))
@@ -112,6 +114,12 @@ class StepMeter:
 
     @contextlib.contextmanager
     def step(self, batches: list[dict[str, torch.Tensor]]) -> Iterator[None]:
+        self.measured = self.remaining != 0
+        if not self.measured:
+            yield
+            return
+        if self.remaining:
+            self.remaining -= 1
         if self.tracker is None:
             torch.cuda.reset_peak_memory_stats()
             yield
@@ -124,10 +132,12 @@ class StepMeter:
             yield
 
     def mark(self, phase: str) -> None:
-        if self.tracker is not None:
+        if self.tracker is not None and self.measured:
             self.tracker.mark(phase)
 
     def result(self) -> dict:
+        if not self.measured:
+            return {"peak_bytes": None, "peak_phase": None}
         if self.tracker is None:
             return {"peak_bytes": torch.cuda.max_memory_allocated(), "peak_phase": None}
         return {"peak_bytes": self.tracker.peak, "peak_phase": self.tracker.peak_phase}

@@ -181,6 +181,18 @@ def test_the_step_peak_includes_the_optimizer_and_its_state(tmp_path, spec):
     assert moments <= peaks[1] <= moments + 256
 
 
+def test_meter_steps_measures_the_first_steps_only_and_finds_the_same_peak(tmp_path):
+    ds = dataset(rows=8)
+    every = make_config("lora", steps=4, eval_every=0, batch_size=2)
+    first_two = make_config("lora", steps=4, eval_every=0, batch_size=2, meter_steps=2)
+    s_every, w_every = run(tmp_path / "every", every, ds)
+    s_two, w_two = run(tmp_path / "two", first_two, ds)
+    peaks = [e["peak_bytes"] for e in resume.read_log(tmp_path / "two")]
+    assert peaks[2:] == [None, None] and None not in peaks[:2]
+    assert s_two["peak_bytes"] == s_every["peak_bytes"] and s_two["losses"] == s_every["losses"]
+    assert all(torch.equal(w_two[n], w) for n, w in w_every.items())
+
+
 def test_data_order_is_a_function_of_seed_and_epoch():
     ds = dataset(rows=10)
     order = BatchOrder(ds, batch_size=3, seed=7)  # 3 batches per epoch, row 10 left out
