@@ -8,7 +8,7 @@ METER ?= simulated
 EXP ?= table1
 GRIDS := $(notdir $(patsubst %/grid.yaml,%,$(wildcard experiments/*/grid.yaml)))
 
-.PHONY: setup assets reproduce experiments grid tables test test-slow lint format clean
+.PHONY: setup assets reproduce experiments grid quality tables test test-slow lint format clean
 
 setup: $(STAMP)  ## create .venv and install the pinned requirements (+ lowmem, editable)
 
@@ -35,6 +35,9 @@ experiments: $(STAMP)  ## re-measure every committed record, table and figure (s
 grid: $(STAMP)  ## papermill grid, one notebook run per cell: make grid EXP=softmax_k
 	$(OFFLINE) $(PY) -m lowmem grid experiments/$(EXP) $(if $(FORCE),--force)
 	$(PY) -m lowmem table $(EXP)
+
+quality: $(STAMP) assets  ## the quality table: SmolLM2-135M fine-tuned under each stack row (~2 h)
+	$(OFFLINE) $(PY) -m lowmem quality
 
 tables: $(STAMP)  ## rebuild results/tables/ and results/figures/ from the committed records only
 	for e in $(GRIDS); do $(PY) -m lowmem table $$e >/dev/null || exit 1; done
