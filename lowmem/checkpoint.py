@@ -15,6 +15,12 @@ both, nothing per layer is resident when the LM head and loss hit the peak: Llam
 tokens keeps 28 x 2048 x 3072 x 4 B = 0.66 GiB of inputs and 1.62 GiB of INT4 layer weights
 off the device.
 
+Backward reads layer i - 1's input and weights while layer i runs (`prefetch`): a double
+buffer of one T x D input and one layer's INT4 weights (63 MB on Llama). `best` turns it off,
+reading each when its layer starts, and streams the tied embedding / LM head as well
+(`lowmem.vocab_stream`). The recompute's output only roots the layer's backward, so its
+T x D values are freed before that backward starts (autograd runs from its graph node).
+
 Selective activation caching (`cache_policy`) names frozen linear layers whose outputs are kept
 in the store during forward; the recompute then reads them instead of running those matmuls,
 and their input gradient is grad_y W, which needs the weight, not the activation. Policies:
@@ -31,6 +37,7 @@ import torch
 from lowmem.models import base_model
 from lowmem.offload import make_store
 from lowmem.quantize import QuantLinear, input_grad
+from lowmem.vocab_stream import stream_vocab
 
 POLICIES = {
     "none": (),
@@ -43,9 +50,12 @@ POLICIES = {
 class Checkpointing:
     """Shared state of one model's checkpointed layers: stores, mode, counters."""
 
-    def __init__(self, offload, meter, stream_weights, root=None, async_writes=True) -> None:
+    def __init__(
+        self, offload, meter, stream_weights, root=None, async_writes=True, prefetch=True
+    ) -> None:
         self.store = make_store(offload, meter, root, async_writes)  # inputs, cached outputs
         self.weights = make_store(offload, meter, root, async_writes) if stream_weights else None
+        self.prefetch = prefetch  # read layer i - 1 while layer i runs backward (double buffer)
         self.mode = "plain"  # "record" during checkpointed forward, "replay" during recompute
         self.recompute_s = 0.0
         self.layers: list[CheckpointedLayer] = []
@@ -125,7 +135,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         wrapper, kwargs = ctx.call
         state, i = wrapper._state(), wrapper.index
         hidden = state.store.get(f"h{i}")["h"].detach().requires_grad_(ctx.hidden_requires_grad)
-        if i > 0:
+        if i > 0 and state.prefetch:
             state.store.prefetch(f"h{i - 1}")
         _prefetch_weights(state, i - 1)
         params = [p for p in wrapper.layer.parameters() if p.requires_grad]
@@ -136,7 +146,11 @@ class _LayerCheckpoint(torch.autograd.Function):
             with torch.enable_grad(), _mode(state, "replay"):
                 out = wrapper.inner_forward(hidden, **kwargs)
             state.recompute_s += time.perf_counter() - start
-            grads = list(torch.autograd.grad(out, inputs, grad_out))
+            # back-propagate from out's graph node, not from out: its T x D values are not
+            # needed, so they are freed before the layer's backward starts
+            edge = torch.autograd.graph.get_gradient_edge(out)
+            del out
+            grads = list(torch.autograd.grad(edge, inputs, grad_out))
         grad_hidden = grads.pop(0) if ctx.hidden_requires_grad else None
         return (grad_hidden, None, *grads)
 
@@ -166,7 +180,7 @@ class _weights_of:
 
 
 def _prefetch_weights(state: Checkpointing, index: int) -> None:
-    if state.weights is not None and 0 <= index < len(state.layers):
+    if state.prefetch and state.weights is not None and 0 <= index < len(state.layers):
         if state.layers[index].streamed:
             state.weights.prefetch(f"w{index}")
 
@@ -217,17 +231,26 @@ def apply_checkpoint(
     meter: str = "cpu",
     offload_dir: str | None = None,
     async_writes: bool = True,
+    prefetch: bool = True,
+    vocab_chunk: int = 0,
 ) -> Checkpointing:
-    """Checkpoint every decoder layer of a (peft) Hugging Face causal LM, in place."""
+    """Checkpoint every decoder layer of a (peft) Hugging Face causal LM, in place.
+
+    prefetch=False reads each layer's input and weights only when its backward starts (no
+    second layer on the device); vocab_chunk > 0 also streams the quantized embedding / LM head
+    in chunks of that many rows (`lowmem.vocab_stream`; needs stream_weights).
+    """
     if cache_policy not in POLICIES:
         raise ValueError(f"bad cache_policy={cache_policy!r}: must be one of {tuple(POLICIES)}")
     base = base_model(model)
     layers = base.model.layers
-    state = Checkpointing(offload, meter, stream_weights, offload_dir, async_writes)
+    state = Checkpointing(offload, meter, stream_weights, offload_dir, async_writes, prefetch)
     weakref.finalize(base, state.close)  # files go when the model goes, or at exit
     for i, layer in enumerate(layers):
         _wrap_cached_linears(layer, i, POLICIES[cache_policy], state)
         state.layers.append(CheckpointedLayer(layer, i, state))
+    if vocab_chunk and state.weights is not None:
+        stream_vocab(model, state.weights, vocab_chunk)
     base.lowmem_checkpointing = state
     base.config.use_cache = False  # as transformers does under gradient checkpointing: a KV
     # cache would keep every layer's K and V (2 x 1024 floats per token per layer on Llama)

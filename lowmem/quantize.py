@@ -14,8 +14,10 @@ Options: INT8, group size 64/128 or one group per output row (`group_size=0`), a
 Memory arithmetic, Llama-3.2 3B: 3.21e9 weights x 0.625 B = 2.01e9 B = 1.87 GiB instead of
 11.97 GiB. A weight is dequantized whole, to FP32, just before its matmul and freed right
 after; backward dequantizes it again for the input gradient (`_DequantLinear`), so no FP32 copy
-is ever kept for backward. The largest transient is the tied 128256 x 3072 LM head: 1.47 GiB
-of FP32 plus its 0.39 GiB of unpacked codes while they are converted.
+is ever kept for backward. `best` dequantizes C output rows at a time instead (`chunk`): the
+transient is C x D_in x 4 B, 32 MiB for a 1024-row chunk of Llama's down_proj, not 96 MiB.
+Whole, the largest transient is the tied 128256 x 3072 LM head: 1.47 GiB of FP32 plus its
+0.39 GiB of unpacked codes while they are converted.
 
 Numerics: symmetric INT4 maps each group to {-8..7} x absmax/7; the round-trip error is at most
 half a step, absmax/14 per weight (tests hold it to a budget per bit width and group size).
@@ -140,9 +142,10 @@ class _DequantLinear(torch.autograd.Function):
         if not chunk:
             return x @ _expand(codes, scales, zeros, bits, group).T
         y = x.new_empty(*x.shape[:-1], codes.shape[0])
-        for a in range(0, codes.shape[0], chunk):
-            w = _expand(*_rows(codes, scales, zeros, a, a + chunk), bits, group)
-            torch.matmul(x, w.T, out=y[..., a : a + chunk])
+        for a in range(0, codes.shape[0], chunk):  # one C x D_in chunk alive at a time
+            w = _expand(*_rows(codes, scales, zeros, a, a + chunk), bits, group).T
+            torch.matmul(x, w, out=y[..., a : a + chunk])
+            del w
         return y
 
     @staticmethod
@@ -155,17 +158,19 @@ def input_grad(grad_y, codes, scales, zeros, bits: int, group: int, chunk: int =
     """grad_x = grad_y W for a packed W, dequantized whole or `chunk` rows at a time."""
     if not chunk:
         return grad_y @ _expand(codes, scales, zeros, bits, group)
-    grad_x = None
+    g = grad_y.reshape(-1, codes.shape[0])  # accumulated in place: no second T x D_in buffer
+    grad_x = g.new_zeros(g.shape[0], codes.shape[1] * 8 // bits)
     for a in range(0, codes.shape[0], chunk):
-        part = grad_y[..., a : a + chunk] @ _expand(
-            *_rows(codes, scales, zeros, a, a + chunk), bits, group
+        grad_x.addmm_(
+            g[:, a : a + chunk], _expand(*_rows(codes, scales, zeros, a, a + chunk), bits, group)
         )
-        grad_x = part if grad_x is None else grad_x.add_(part)
-    return grad_x
+    return grad_x.reshape(*grad_y.shape[:-1], -1)
 
 
 def rows_of(qlin: QuantLinear, start: int, stop: int) -> torch.Tensor:
     """FP32 rows start:stop of a quantized linear's weight; nothing else expands."""
+    if qlin.stream is not None:
+        return qlin.stream.rows(start, stop)
     return _expand(
         *_rows(qlin.codes, qlin.scales, qlin.zeros, start, stop), qlin.bits, qlin.group_size
     )
@@ -183,6 +188,7 @@ class QuantLinear(torch.nn.Module):
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size = qw.bits, qw.group_size
         self.chunk = 0  # output rows dequantized at a time; 0 = the whole matrix (the paper)
+        self.stream = None  # a lowmem.vocab_stream.VocabStream when the rows live in a store
         self.register_buffer("codes", qw.codes)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("zeros", qw.zeros)
@@ -204,9 +210,12 @@ class QuantLinear(torch.nn.Module):
         return self.qweight.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _DequantLinear.apply(
-            x, self.codes, self.scales, self.zeros, self.bits, self.group_size, self.chunk
-        )
+        if self.stream is not None:
+            y = self.stream.linear(x)
+        else:
+            y = _DequantLinear.apply(
+                x, self.codes, self.scales, self.zeros, self.bits, self.group_size, self.chunk
+            )
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -225,6 +234,8 @@ class QuantEmbedding(torch.nn.Module):
         self.linear = QuantLinear(qw)  # shares its buffers with a tied LM head
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.linear.stream is not None:
+            return self.linear.stream.lookup(ids)
         return dequantize_rows(self.linear.qweight, ids)
 
 

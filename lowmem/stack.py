@@ -29,6 +29,7 @@ from peft import LoraConfig, get_peft_model
 from transformers.integrations import sdpa_attention
 
 from lowmem.checkpoint import POLICIES, apply_checkpoint
+from lowmem.fused_norm import apply_fused_norm
 from lowmem.offload import OFFLOADS
 from lowmem.quantize import BACKENDS, BITS, GROUP_SIZES, QuantLinear, apply_quantize
 from lowmem.softmax_approx import RULES, VARIANTS
@@ -36,7 +37,7 @@ from lowmem.tiled_mlp import apply_tiled_mlp
 
 STACK = ("baseline", "lora", "quantize", "checkpoint", "softmax_approx", "logits_mask")
 # beyond the paper: every exact technique, no approximation of the loss
-BEST = ("lora", "quantize", "checkpoint", "logits_mask", "fused_loss")
+BEST = ("lora", "quantize", "checkpoint", "logits_mask", "fused_loss", "fused_norm")
 ROWS = STACK + ("best",)
 
 LABELS = {
@@ -88,7 +89,11 @@ class StackConfig:
     offload_async: bool = True
     """Write offloaded tensors on a background thread (False: put() waits for the file)."""
     stream_weights: bool = True
-    """Keep each layer's quantized weights in the store, loaded only while the layer runs."""
+    """Keep each layer's quantized weights in the store, loaded only while the layer runs (in
+    best also the embedding / LM head, in chunks of loss_chunk rows: lowmem.vocab_stream)."""
+    offload_prefetch: int = -1
+    """Read layer i - 1's input and weights while layer i runs backward: 1 = on, 0 = off (one
+    layer's weights on the device at a time), -1 = auto (on in the paper rows, off in best)."""
     cache_policy: str = "none"
     """Frozen linears whose outputs are cached instead of recomputed: none, attention, mlp,
     all_linear (lowmem.checkpoint.POLICIES)."""
@@ -101,8 +106,9 @@ class StackConfig:
     """paper: full N x V logits/scores, subset gathered; chunked: never a whole N x V matrix."""
     loss_chunk: int = 4096
     """Vocabulary rows per chunk in the fused loss and the chunked softmax approximation."""
-    dequant_chunk: int = 0
-    """Output rows of a quantized layer dequantized at a time; 0 = the whole matrix (the paper)."""
+    dequant_chunk: int = -1
+    """Output rows of a quantized layer dequantized at a time: 0 = the whole matrix, -1 = auto
+    (whole in the paper rows, as the paper implies; max(1024, seq_len // 8) rows in best)."""
     mlp_tile: int = -1
     """Tokens per MLP tile (lowmem.tiled_mlp): 0 = off, -1 = auto (off in the paper rows,
     256 in best)."""
@@ -161,8 +167,14 @@ class StackConfig:
             self.cache_policy,
             f"one of {', '.join(POLICIES)}",
         )
-        _check(self.dequant_chunk >= 0, "dequant_chunk", self.dequant_chunk, ">= 0")
+        _check(self.dequant_chunk >= -1, "dequant_chunk", self.dequant_chunk, ">= -1")
         _check(self.mlp_tile >= -1, "mlp_tile", self.mlp_tile, ">= -1")
+        _check(
+            self.offload_prefetch in (-1, 0, 1),
+            "offload_prefetch",
+            self.offload_prefetch,
+            "-1, 0 or 1",
+        )
         _check(
             not (self.resolved_mlp_tile and self.cache_policy in ("mlp", "all_linear")),
             "cache_policy",
@@ -193,8 +205,20 @@ class StackConfig:
         return "native" if self.enabled("quantize") else "repeat_kv"
 
     @property
+    def resolved_dequant_chunk(self) -> int:
+        if self.dequant_chunk >= 0:
+            return self.dequant_chunk
+        # best: the FP32 piece stays small next to the layer's T x D activations, and its count
+        # per tiled-MLP pass stays constant in T from 8192 on (re-dequantized per tile)
+        return max(1024, self.seq_len // 8) if self.stack == "best" else 0
+
+    @property
     def resolved_mlp_tile(self) -> int:
         return self.mlp_tile if self.mlp_tile >= 0 else (256 if self.stack == "best" else 0)
+
+    @property
+    def resolved_prefetch(self) -> bool:
+        return bool(self.offload_prefetch) if self.offload_prefetch >= 0 else self.stack != "best"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -262,9 +286,11 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
         )
         for module in model.modules():
             if isinstance(module, QuantLinear):
-                module.chunk = cfg.dequant_chunk
+                module.chunk = cfg.resolved_dequant_chunk
     if cfg.resolved_mlp_tile:
         apply_tiled_mlp(model, cfg.resolved_mlp_tile)
+    if cfg.enabled("fused_norm"):
+        apply_fused_norm(model)
     if cfg.enabled("checkpoint"):
         apply_checkpoint(
             model,
@@ -274,6 +300,8 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
             meter,
             cfg.offload_dir or None,
             cfg.offload_async,
+            cfg.resolved_prefetch,
+            cfg.loss_chunk if cfg.enabled("fused_loss") else 0,
         )
     return model
 

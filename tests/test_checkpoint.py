@@ -3,6 +3,7 @@ import torch
 
 from lowmem import assets, bench
 from lowmem.checkpoint import POLICIES, CheckpointedLayer
+from lowmem.loss import compute_loss
 from lowmem.models import build_model
 from lowmem.stack import StackConfig, apply_stack, benchmark_batch
 
@@ -102,3 +103,33 @@ def test_no_files_are_left_after_ctrl_c_in_backward(tmp_path, monkeypatch):
 def test_bad_cache_policy_is_refused():
     with pytest.raises(ValueError, match="bad cache_policy='everything'"):
         StackConfig("checkpoint", cache_policy="everything")
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen"])
+@pytest.mark.parametrize("offload", ["memory", "disk"])
+def test_best_streams_the_vocabulary_table_with_bit_identical_loss_and_grads(
+    model_name, offload, tmp_path
+):
+    def run(cfg):
+        torch.manual_seed(0)
+        model = apply_stack(build_model(model_name), cfg)
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        base = model.get_base_model()
+        head = base.get_output_embeddings()
+        assert (head.codes is None) == cfg.stream_weights  # streamed: nothing resident
+        assert head is base.get_input_embeddings().linear  # still tied: stored once
+        loss, _ = compute_loss(model, benchmark_batch(cfg, model.config.vocab_size), cfg)
+        loss.backward()
+        base.lowmem_checkpointing.close()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    common = dict(seq_len=48, loss_chunk=100, offload=offload, offload_dir=str(tmp_path))
+    ref_loss, ref = run(StackConfig("best", stream_weights=False, **common))
+    loss, grads = run(StackConfig("best", offload_async=False, **common))
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref.keys()
+    for name, g in grads.items():
+        assert torch.equal(g, ref[name]), name

@@ -73,3 +73,18 @@ def test_notebook_runs_under_papermill_and_writes_ok_records(path, tmp_path, res
     assert statuses <= {"ok", "oom"} and "ok" in statuses
     if path.stem in STUDIES:  # a study writes one record: its technique's row, status ok
         assert len(records) == 1 and statuses == {"ok"}
+
+
+def test_the_run_notebook_lists_every_config_field_at_its_default():
+    """A grid cell that does not set a field must get StackConfig's default, not the
+    notebook's: the run notebook names every field, with the default as its value."""
+    tree = ast.parse(
+        "".join(
+            _parameters_cell(Path(__file__).parents[1] / "notebooks" / "run_cell.ipynb")["source"]
+        )
+    )
+    values = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body}
+    for f in dataclasses.fields(StackConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = ",".join(default) if isinstance(default, tuple) else default
+        assert values.get(f.name, "missing") == default, f.name
