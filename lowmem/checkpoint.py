@@ -37,6 +37,7 @@ import torch
 from lowmem.models import base_model
 from lowmem.offload import make_store
 from lowmem.quantize import QuantLinear, input_grad
+from lowmem.rng import replayed_rng, saved_rng
 from lowmem.vocab_stream import stream_vocab
 
 POLICIES = {
@@ -125,6 +126,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         wrapper, kwargs = call
         state = wrapper._state()
         ctx.call, ctx.hidden_requires_grad = call, hidden.requires_grad
+        ctx.rng = saved_rng(wrapper.layer, hidden.device)
         state.store.put(f"h{wrapper.index}", {"h": hidden})
         _prefetch_weights(state, wrapper.index + 1)
         with torch.no_grad(), _mode(state, "record"), _weights_of(wrapper):
@@ -143,7 +145,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         inputs = ([hidden] if ctx.hidden_requires_grad else []) + params
         # the weights stay loaded through this layer's backward (a tiled MLP recomputes there)
         with _weights_of(wrapper):
-            with torch.enable_grad(), _mode(state, "replay"):
+            with torch.enable_grad(), _mode(state, "replay"), replayed_rng(ctx.rng):
                 out = wrapper.inner_forward(hidden, **kwargs)
             state.recompute_s += time.perf_counter() - start
             # back-propagate from out's graph node, not from out: its T x D values are not

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.models import base_model
+from lowmem.rng import replayed_rng, saved_rng
 
 
 def apply_tiled_mlp(model: torch.nn.Module, tile: int) -> int:
@@ -39,6 +40,7 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, inner, tile, *params):
         out = torch.empty_like(x)
+        ctx.rng = saved_rng(inner.__self__, x.device)  # inner: the MLP's own bound forward
         with torch.no_grad():
             for a in range(0, x.shape[1], tile):
                 out[:, a : a + tile] = inner(x[:, a : a + tile])
@@ -52,12 +54,13 @@ class _TiledMLP(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_x = torch.empty_like(x)
         grad_params = [torch.zeros_like(p) for p in ctx.params]
-        for a in range(0, x.shape[1], ctx.tile):
-            xt = x[:, a : a + ctx.tile].detach().requires_grad_(True)
-            with torch.enable_grad():
-                yt = ctx.inner(xt)
-            grads = torch.autograd.grad(yt, [xt, *ctx.params], grad_out[:, a : a + ctx.tile])
-            grad_x[:, a : a + ctx.tile] = grads[0]
-            for acc, g in zip(grad_params, grads[1:], strict=True):
-                acc.add_(g)
+        with replayed_rng(ctx.rng):  # the tiles draw in the order the forward drew
+            for a in range(0, x.shape[1], ctx.tile):
+                xt = x[:, a : a + ctx.tile].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    yt = ctx.inner(xt)
+                grads = torch.autograd.grad(yt, [xt, *ctx.params], grad_out[:, a : a + ctx.tile])
+                grad_x[:, a : a + ctx.tile] = grads[0]
+                for acc, g in zip(grad_params, grads[1:], strict=True):
+                    acc.add_(g)
         return (grad_x, None, None, *grad_params)

