@@ -40,7 +40,7 @@ quality: $(STAMP) assets  ## the quality table: SmolLM2-135M fine-tuned under ea
 	$(OFFLINE) $(PY) -m lowmem quality
 
 tables: $(STAMP)  ## rebuild results/tables/ and results/figures/ from the committed records only
-	for e in $(GRIDS); do $(PY) -m lowmem table $$e >/dev/null || exit 1; done
+	for e in $(GRIDS) quality; do $(PY) -m lowmem table $$e >/dev/null || exit 1; done
 	$(PY) -m lowmem figures
 
 test: $(STAMP) assets  ## default test tier (< 10 min on 2 cores)
