@@ -112,8 +112,15 @@ class LiveStorageTracker(TorchDispatchMode):
 
 
 def module_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """What a model holds on its device: parameters, buffers, and what its checkpointing keeps
+    in an in-memory offload store (streamed weights with offload="memory")."""
     yield from module.parameters()
     yield from module.buffers()
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    state = getattr(base, "lowmem_checkpointing", None)
+    for store in (state.store, state.weights) if state is not None else ():
+        if store is not None:
+            yield from store.resident()
 
 
 @contextlib.contextmanager

@@ -75,6 +75,10 @@ class MemoryStore:
     def close(self) -> None:
         self._entries.clear()
 
+    def resident(self) -> list[torch.Tensor]:
+        """The tensors this store keeps on the device: a meter counts them as resident."""
+        return [t for entry in self._entries.values() for t in entry.values()]
+
 
 class SimulatedStore(MemoryStore):
     """Keeps (shape, dtype) only: what leaves the device costs nothing, as on a real disk.
@@ -106,6 +110,9 @@ class SimulatedStore(MemoryStore):
     def close(self) -> None:
         super().close()
         self._prefetched.clear()
+
+    def resident(self) -> list[torch.Tensor]:
+        return []  # shapes only: what a disk holds costs no device memory
 
 
 class DiskStore:
@@ -177,6 +184,9 @@ class DiskStore:
             del self._writes[key], self._devices[key]
             self._path(key).unlink()
         return {k: t.to(devices[k]) for k, t in entry.items()}  # a no-op on the CPU
+
+    def resident(self) -> list[torch.Tensor]:
+        return []  # entries wait in files, not on the device
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -105,3 +105,14 @@ def test_cuda_allocator_peak_matches_simulated(stack):
     # the allocator rounds each block up to 512 B and its kernels may keep workspaces
     assert gpu["metrics"]["peak_bytes"] >= fake["metrics"]["peak_bytes"]
     assert gpu["metrics"]["peak_bytes"] <= 1.10 * fake["metrics"]["peak_bytes"] + 2**20
+
+
+@pytest.mark.parametrize("meter", ["cpu", "simulated"])
+def test_weights_streamed_from_an_in_memory_store_are_still_counted(meter):
+    """Streaming to an in-memory store moves the INT4 weights, it does not free them."""
+    peaks = []
+    for stream in (False, True):
+        cfg = StackConfig("checkpoint", seq_len=64, offload="memory", stream_weights=stream)
+        metrics = run_cell("tiny-llama", cfg, meter)["metrics"]
+        peaks.append((metrics["peak_bytes"], metrics["resident_bytes"]))
+    assert peaks[0] == peaks[1]
