@@ -295,6 +295,12 @@ def _headline_note(frame: pd.DataFrame) -> str:
 README_START, README_END = "<!-- table1:start -->", "<!-- table1:end -->"
 
 
+def readme_block(experiment: str = "table1") -> str:
+    """The README's results block: the table in the paper's layout and the headline ratios."""
+    frame = cell_frame(load_records(experiment))
+    return markdown_table(frame) + _headline_note(frame)
+
+
 def update_readme(experiment: str = "table1", readme: Path = REPO_ROOT / "README.md") -> bool:
     """Paste the experiment's table between the README's markers; True if the text changed."""
     text = readme.read_text()
@@ -302,8 +308,7 @@ def update_readme(experiment: str = "table1", readme: Path = REPO_ROOT / "README
     _, sep2, tail = rest.partition(README_END)
     if not (sep and sep2):
         raise ValueError(f"{readme} lacks the markers {README_START} ... {README_END}")
-    table = markdown_table(cell_frame(load_records(experiment)))
-    new = f"{head}{README_START}\n{table}{README_END}{tail}"
+    new = f"{head}{README_START}\n{readme_block(experiment)}{README_END}{tail}"
     readme.write_text(new)
     return new != text
 
