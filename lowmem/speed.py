@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from lowmem.checkpoint import checkpointing_of
+from lowmem.loss import compute_loss
 from lowmem.models import build_model
 from lowmem.stack import StackConfig, apply_stack, benchmark_batch, describe, stack_context
 
@@ -35,8 +36,8 @@ def time_stacks(model_name: str, cfgs: list[StackConfig], steps: int = 3, warmup
         ckpt = checkpointing_of(model)
         try:
             with stack_context(cfg):
-                times = [_step(model, batch) for _ in range(warmup + steps)][warmup:]
-                shares = _region_shares(model, batch)
+                times = [_step(model, batch, cfg) for _ in range(warmup + steps)][warmup:]
+                shares = _region_shares(model, batch, cfg)
         finally:
             if ckpt is not None:
                 ckpt.close()
@@ -54,16 +55,16 @@ def time_stacks(model_name: str, cfgs: list[StackConfig], steps: int = 3, warmup
     return rows
 
 
-def _step(model: torch.nn.Module, batch: dict) -> float:
+def _step(model: torch.nn.Module, batch: dict, cfg: StackConfig) -> float:
     start = time.perf_counter()
-    model(**batch).loss.backward()
+    compute_loss(model, batch, cfg)[0].backward()  # the row's own head and loss
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
 
-def _region_shares(model: torch.nn.Module, batch: dict) -> dict:
+def _region_shares(model: torch.nn.Module, batch: dict, cfg: StackConfig) -> dict:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        seconds = _step(model, batch)
+        seconds = _step(model, batch, cfg)
     events = {e.key: e for e in prof.key_averages()}
     shares = {}
     for region in REGIONS:

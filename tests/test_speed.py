@@ -1,5 +1,6 @@
 import pytest
 
+from lowmem import speed
 from lowmem.speed import time_stacks
 from lowmem.stack import StackConfig
 
@@ -16,3 +17,14 @@ def test_timing_reports_ratios_and_dequantization_time():
 def test_bad_step_counts_are_refused():
     with pytest.raises(ValueError, match="bad steps=0"):
         time_stacks("tiny-llama", [StackConfig()], steps=0)
+
+
+def test_each_row_is_timed_on_its_own_loss(monkeypatch):
+    """best is timed with its fused loss, not with the model's full-logits head."""
+    seen, real = [], speed.compute_loss
+    monkeypatch.setattr(
+        speed, "compute_loss", lambda m, b, cfg: seen.append(cfg.stack) or real(m, b, cfg)
+    )
+    cfgs = [StackConfig("lora", seq_len=16), StackConfig("best", seq_len=16)]
+    speed.time_stacks("tiny-llama", cfgs, steps=1, warmup=0)
+    assert set(seen) == {"lora", "best"}
