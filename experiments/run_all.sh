@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-measures every committed record, then rebuilds every table and figure (make experiments).
-# Grids run through papermill (one kernel per cell, ~10 s each): ~150 cells, ~45 min on 2 CPU
+# Grids run through papermill (one kernel per cell, ~10 s each): ~150 cells, ~1 h on 2 CPU
 # cores; the 3B cpu-meter checks at the end peak at ~17 GB RAM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
