@@ -8,13 +8,20 @@ from lowmem.models import build_model
 from lowmem.stack import StackConfig, apply_stack, benchmark_batch
 
 
-def loss_and_grads(model_name, cfg, tmp_path, init="random"):
+def seeded_model(model_name, cfg, init="random"):
+    """The row `cfg` of a seeded model, LoRA B drawn at random (peft starts it at 0, which
+    would make every LoRA A gradient trivially zero)."""
     torch.manual_seed(0)
     model = apply_stack(build_model(model_name, init=init), cfg)
     torch.manual_seed(1)
-    for name, p in model.named_parameters():  # peft starts B at 0: make every grad non-trivial
+    for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def loss_and_grads(model_name, cfg, tmp_path, init="random"):
+    model = seeded_model(model_name, cfg, init)
     batch = benchmark_batch(cfg, model.config.vocab_size)
     loss = model(**batch).loss
     loss.backward()
@@ -125,12 +132,7 @@ def test_best_streams_the_vocabulary_table_with_bit_identical_loss_and_grads(
     model_name, offload, tmp_path
 ):
     def run(cfg):
-        torch.manual_seed(0)
-        model = apply_stack(build_model(model_name), cfg)
-        torch.manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.02)
+        model = seeded_model(model_name, cfg)
         base = model.get_base_model()
         head = base.get_output_embeddings()
         assert (head.codes is None) == cfg.stream_weights  # streamed: nothing resident

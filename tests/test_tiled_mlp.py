@@ -1,19 +1,15 @@
 import pytest
 import torch
+from test_checkpoint import seeded_model
 
 from lowmem.memory import LiveStorageTracker
 from lowmem.models import build_model
-from lowmem.stack import StackConfig, apply_stack, benchmark_batch
+from lowmem.stack import StackConfig, benchmark_batch
 from lowmem.tiled_mlp import apply_tiled_mlp
 
 
 def _loss_and_grads(cfg, model_name="tiny-llama"):
-    torch.manual_seed(0)
-    model = apply_stack(build_model(model_name), cfg)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
+    model = seeded_model(model_name, cfg)
     batch = benchmark_batch(cfg, model.config.vocab_size)
     loss = model(**{k: batch[k] for k in ("input_ids", "labels")}).loss
     loss.backward()
