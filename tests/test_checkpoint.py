@@ -149,3 +149,19 @@ def test_best_streams_the_vocabulary_table_with_bit_identical_loss_and_grads(
     assert grads.keys() == ref.keys()
     for name, g in grads.items():
         assert torch.equal(g, ref[name]), name
+
+
+def test_mlp_weights_are_released_before_the_attention_backward():
+    cfg = StackConfig("best", seq_len=40, offload="memory")
+    model = seeded_model("tiny-llama", cfg)
+    layer = model.get_base_model().model.layers[0]
+    seen = []
+
+    def attention_backward_starts(module, grad_output):
+        seen.append([layer.mlp.gate_proj.codes is None, layer.self_attn.o_proj.codes is None])
+
+    layer.self_attn.o_proj.register_full_backward_pre_hook(attention_backward_starts)
+    batch = benchmark_batch(cfg, model.config.vocab_size)
+    compute_loss(model, batch, cfg)[0].backward()
+    assert seen == [[True, False]]  # MLP gone, attention weights still there
+    assert layer.self_attn.o_proj.codes is None  # and those go when the layer is done

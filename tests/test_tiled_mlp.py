@@ -50,3 +50,42 @@ def test_bad_tile_and_conflicting_cache_policy_are_refused():
         apply_tiled_mlp(build_model("tiny-llama"), 0)
     with pytest.raises(ValueError, match="bad cache_policy='mlp'"):
         StackConfig(stack="best", cache_policy="mlp")
+
+
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen"])
+def test_tiled_mlp_inside_a_checkpointed_layer_is_exact_with_dropout(model_name):
+    # the recompute skips the MLP forward (its values are unused); gradients must not notice.
+    # Same tiles in both (dropout draws its masks per tile)
+    common = dict(seq_len=40, lora_targets=("all-linear",), lora_dropout=0.1, mlp_tile=16)
+    ref_loss, ref = _loss_and_grads(StackConfig("quantize", **common), model_name)
+    loss, grads = _loss_and_grads(StackConfig("checkpoint", offload="memory", **common), model_name)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_layer_recompute_runs_no_mlp_forward():
+    cfg = StackConfig("checkpoint", seq_len=40, mlp_tile=16, offload="memory")
+    model = seeded_model("tiny-llama", cfg)
+    calls = []
+    for layer in model.get_base_model().model.layers:
+        layer.mlp.down_proj.register_forward_hook(lambda *args: calls.append(1))
+    batch = benchmark_batch(cfg, model.config.vocab_size)
+    model(**batch).loss.backward()
+    n_layers, n_tiles = len(model.get_base_model().model.layers), 3  # 40 tokens in tiles of 16
+    assert len(calls) == 2 * n_layers * n_tiles  # forward + backward's tiles, no third pass
+
+
+def test_the_tile_backward_skips_only_the_down_projection_values():
+    cfg = StackConfig("quantize", seq_len=40, mlp_tile=16)
+    model = seeded_model("tiny-llama", cfg)
+    needed = {"gate": [], "down": []}
+    mlp = model.get_base_model().model.layers[0].mlp
+    for name in needed:
+        getattr(mlp, f"{name}_proj").register_forward_hook(
+            lambda m, args, out, name=name: needed[name].append(m.values_needed)
+        )
+    batch = benchmark_batch(cfg, model.config.vocab_size)
+    model(**batch).loss.backward()
+    assert needed["gate"] == [True] * 6  # 3 tiles forward, 3 in backward
+    assert needed["down"] == [True] * 3 + [False] * 3
