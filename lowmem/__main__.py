@@ -8,9 +8,9 @@ import json
 import sys
 
 from lowmem import assets, paper, results
+from lowmem.config import LINEAR_TARGETS, ROWS, parse_spec
 from lowmem.memory import METERS
 from lowmem.models import REGISTRY, ModelError
-from lowmem.stack import LINEAR_TARGETS, ROWS, parse_spec
 
 
 def main(argv: list[str] | None = None) -> int:

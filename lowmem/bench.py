@@ -18,10 +18,11 @@ from tqdm.auto import tqdm
 
 from lowmem import paper, results
 from lowmem.checkpoint import checkpointing_of
+from lowmem.config import StackConfig
 from lowmem.loss import compute_loss
 from lowmem.memory import METERS, measure_step, meter_context
 from lowmem.models import build_model, count_parameters, get_spec, stored_weight_bytes
-from lowmem.stack import StackConfig, apply_stack, benchmark_batch, stack_context
+from lowmem.stack import apply_stack, benchmark_batch, stack_context
 
 
 def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | None = None) -> dict:

@@ -39,7 +39,7 @@ import torch
 
 from lowmem.models import base_model
 from lowmem.offload import make_store
-from lowmem.quantize import QuantLinear, input_grad
+from lowmem.quant_linear import QuantLinear, input_grad
 from lowmem.rng import replayed_rng, saved_rng
 from lowmem.tiled_mlp import values_unused
 from lowmem.vocab_stream import stream_vocab

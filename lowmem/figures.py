@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from lowmem import paper, results  # noqa: E402
-from lowmem.stack import LABELS, ROWS  # noqa: E402
+from lowmem.config import LABELS, ROWS  # noqa: E402
 
 A100_GIB = paper.A100_BYTES / 2**30
 WATERFALL_CONTEXT = 2048

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.quantize import QuantLinear, rows_of
+from lowmem.quant_linear import QuantLinear, rows_of
 from lowmem.reference import IGNORE_INDEX
 
 

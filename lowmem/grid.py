@@ -21,9 +21,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from lowmem import results
+from lowmem.config import StackConfig
 from lowmem.memory import METERS
 from lowmem.models import get_spec
-from lowmem.stack import StackConfig
 
 DEFAULTS = results.REPO_ROOT / "experiments" / "defaults.yaml"
 RUN_NOTEBOOK = results.REPO_ROOT / "notebooks" / "run_cell.ipynb"

@@ -1,6 +1,6 @@
 """The paper's Table 1 (arXiv 2606.19528): peak GiB of one forward + backward, A100 80 GB.
 
-Rows are cumulative (keys of lowmem.stack.STACK); None is a cell the paper reports as OOM.
+Rows are cumulative (keys of lowmem.config.STACK); None is a cell the paper reports as OOM.
 """
 
 from __future__ import annotations

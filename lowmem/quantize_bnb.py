@@ -1,6 +1,6 @@
 """bitsandbytes as a second quantization backend: NF4 / FP4 `matmul_4bit`, CPU, CUDA, fake.
 
-Same contract as `lowmem.quantize.QuantLinear`: a frozen 4-bit weight that bitsandbytes
+Same contract as `lowmem.quant_linear.QuantLinear`: a frozen 4-bit weight that bitsandbytes
 dequantizes whole for each matmul and again in backward. Storage: 4-bit codes + one FP32
 absmax per block of 64 weights = 0.5 + 4/64 = 0.5625 bytes per weight. Double quantization
 (`compress_statistics`) is off: its statistics are data-dependent, which fake tensors (the

@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from lowmem import paper
-from lowmem.stack import LABELS, ROWS, StackConfig, describe
+from lowmem.config import LABELS, ROWS, StackConfig, describe
 
 STATUSES = ("ok", "oom", "failed")
 TOLERANCE = 0.10  # a numeric paper cell is reproduced when ours is within +-10% of it

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from lowmem.fused_loss import chunked_logits, head_rows
-from lowmem.quantize import QuantEmbedding, QuantLinear, dequantize_rows
+from lowmem.quant_linear import QuantEmbedding, QuantLinear
+from lowmem.quantize import dequantize_rows
 from lowmem.reference import IGNORE_INDEX
 
 RULES = ("model_topk", "target_neighbors")

@@ -17,9 +17,10 @@ from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
 from lowmem.checkpoint import checkpointing_of
+from lowmem.config import StackConfig, describe
 from lowmem.loss import compute_loss
 from lowmem.models import build_model
-from lowmem.stack import StackConfig, apply_stack, benchmark_batch, describe, stack_context
+from lowmem.stack import apply_stack, benchmark_batch, stack_context
 
 REGIONS = ("lowmem.dequantize",)
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from lowmem.config import StackConfig
 from lowmem.loss import compute_loss
 from lowmem.memory import LiveStorageTracker, module_tensors
 from lowmem.reference import trainable_positions
-from lowmem.stack import StackConfig
 
 COLUMNS = ("input_ids", "labels")
 

@@ -22,12 +22,13 @@ from collections.abc import Callable
 import torch
 
 from lowmem.checkpoint import checkpointing_of
+from lowmem.config import StackConfig
 from lowmem.loss import compute_loss
 from lowmem.memory import measure_step, meter_context
 from lowmem.models import build_model, load_config
-from lowmem.quantize import QuantLinear
+from lowmem.quant_linear import QuantLinear
 from lowmem.reference import causal_lm_loss
-from lowmem.stack import StackConfig, apply_stack, benchmark_batch, stack_context
+from lowmem.stack import apply_stack, benchmark_batch, stack_context
 
 
 def loss_and_grads(

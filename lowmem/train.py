@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lowmem.checkpoint import checkpointing_of
+from lowmem.config import StackConfig, parse_spec
 from lowmem.models import build_model
 from lowmem.resume import (
     append_log,
@@ -54,7 +55,7 @@ from lowmem.resume import (
     summarize,
     write_json,
 )
-from lowmem.stack import StackConfig, apply_stack, parse_spec, stack_context
+from lowmem.stack import apply_stack, stack_context
 from lowmem.step import COLUMNS, BatchOrder, StepMeter, accumulate, evaluate
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from lowmem.models import base_model
-from lowmem.quantize import QuantizedWeight, QuantLinear, dequantize
+from lowmem.quant_linear import QuantLinear
+from lowmem.quantize import QuantizedWeight, dequantize
 
 _PARTS = ("codes", "scales", "zeros")
 

@@ -1,7 +1,7 @@
 import pytest
 
 from lowmem import bench, paper, results
-from lowmem.stack import StackConfig
+from lowmem.config import StackConfig
 
 # rows whose every cell is within +-10% of the paper (softmax_approx and logits_mask are not
 # yet: experiments/LOG.md)

@@ -3,9 +3,10 @@ import torch
 
 from lowmem import assets, bench
 from lowmem.checkpoint import POLICIES, CheckpointedLayer
+from lowmem.config import StackConfig
 from lowmem.loss import compute_loss
 from lowmem.models import build_model
-from lowmem.stack import StackConfig, apply_stack, benchmark_batch
+from lowmem.stack import apply_stack, benchmark_batch
 
 
 def seeded_model(model_name, cfg, init="random"):

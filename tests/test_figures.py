@@ -4,7 +4,7 @@ import pytest
 from test_results import _record
 
 from lowmem import figures, results
-from lowmem.stack import ROWS, StackConfig
+from lowmem.config import ROWS, StackConfig
 
 COMMITTED = results.REPO_ROOT / "results" / "raw"
 

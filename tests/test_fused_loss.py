@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from lowmem.fused_loss import chunked_logits, fused_cross_entropy
 from lowmem.memory import LiveStorageTracker
 from lowmem.offload import make_store
-from lowmem.quantize import QuantLinear, dequantize, dequantize_rows
+from lowmem.quant_linear import QuantLinear
+from lowmem.quantize import dequantize, dequantize_rows
 from lowmem.vocab_stream import VocabStream
 
 

@@ -32,7 +32,8 @@ def test_masked_head_equals_full_cross_entropy_with_ignore_index(shape, masked):
 
 
 def test_benchmark_index_equals_the_one_found_from_labels():
-    from lowmem.stack import StackConfig, benchmark_batch
+    from lowmem.config import StackConfig
+    from lowmem.stack import benchmark_batch
 
     batch = benchmark_batch(StackConfig(stack="logits_mask", seq_len=50, batch_size=2), 100)
     assert torch.equal(batch["trainable_index"], trainable_index(batch["labels"]))

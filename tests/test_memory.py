@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lowmem.bench import run_cell
+from lowmem.config import ROWS, StackConfig
 from lowmem.memory import LiveStorageTracker, meter_context
-from lowmem.stack import ROWS, StackConfig
 
 
 def test_tracker_counts_a_handmade_sequence_exactly():

@@ -6,7 +6,7 @@ from pathlib import Path
 import papermill
 import pytest
 
-from lowmem.stack import StackConfig
+from lowmem.config import StackConfig
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 # one study notebook per technique (STYLE.md: one technique = one module = one notebook)

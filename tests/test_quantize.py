@@ -3,14 +3,8 @@ import torch
 
 from lowmem import assets
 from lowmem.memory import LiveStorageTracker
-from lowmem.quantize import (
-    QuantEmbedding,
-    QuantLinear,
-    apply_quantize,
-    dequantize,
-    dequantize_rows,
-    quantize,
-)
+from lowmem.quant_linear import QuantEmbedding, QuantLinear, apply_quantize
+from lowmem.quantize import dequantize, dequantize_rows, quantize
 
 # Budget: relative Frobenius round-trip error ||W - deq(q(W))|| / ||W||, symmetric or not, on
 # N(0, 1) weights and on every 2-D weight of SmolLM2-135M (worst matrix). Measured (random /
@@ -129,8 +123,9 @@ def test_embedding_lookup_dequantizes_only_the_gathered_rows():
 
 
 def test_apply_quantize_shares_a_tied_head_and_reports_the_savings():
+    from lowmem.config import StackConfig
     from lowmem.models import build_model, stored_weight_bytes
-    from lowmem.stack import StackConfig, apply_stack
+    from lowmem.stack import apply_stack
 
     model = apply_stack(build_model("tiny-llama"), StackConfig(stack="lora"))
     before = stored_weight_bytes(model)
@@ -150,8 +145,9 @@ def test_apply_quantize_shares_a_tied_head_and_reports_the_savings():
 def test_adapters_trained_on_the_quantized_base_load_with_stock_peft(tmp_path):
     from peft import PeftModel
 
+    from lowmem.config import StackConfig
     from lowmem.models import build_model
-    from lowmem.stack import StackConfig, apply_stack, benchmark_batch
+    from lowmem.stack import apply_stack, benchmark_batch
 
     torch.manual_seed(0)
     model = apply_stack(build_model("tiny-qwen"), StackConfig(stack="quantize", lora_r=4))
@@ -225,7 +221,7 @@ def test_bitsandbytes_backend_equals_a_linear_fed_its_dequantized_weight(backend
 
 def test_bitsandbytes_backend_runs_the_stack_and_simulates_exactly():
     from lowmem.bench import run_cell
-    from lowmem.stack import StackConfig
+    from lowmem.config import StackConfig
 
     cfg = StackConfig(stack="quantize", seq_len=48, quant_backend="bnb-nf4")
     real, fake = run_cell("tiny-llama", cfg, "cpu"), run_cell("tiny-llama", cfg, "simulated")

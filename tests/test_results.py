@@ -4,7 +4,7 @@ import pytest
 from test_bench import REPRODUCED
 
 from lowmem import results
-from lowmem.stack import ROWS, StackConfig
+from lowmem.config import ROWS, StackConfig
 
 
 def _record(model="llama-3.2-3b", stack="lora", seq_len=1024, status="ok", gib=19.0):

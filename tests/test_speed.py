@@ -1,8 +1,8 @@
 import pytest
 
 from lowmem import speed
+from lowmem.config import StackConfig
 from lowmem.speed import time_stacks
-from lowmem.stack import StackConfig
 
 
 def test_timing_reports_ratios_and_dequantization_time():

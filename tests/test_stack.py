@@ -3,8 +3,9 @@ import torch
 
 from lowmem import reference
 from lowmem.bench import run_cell
+from lowmem.config import STACK, StackConfig
 from lowmem.models import build_model, count_parameters, load_config
-from lowmem.stack import STACK, StackConfig, apply_stack, benchmark_batch, stack_context
+from lowmem.stack import apply_stack, benchmark_batch, stack_context
 
 
 @pytest.mark.parametrize(
@@ -109,7 +110,7 @@ def test_stack_context_restores_attention_and_repeat_kv_costs_what_the_arithmeti
 
 
 def test_specs_parse_typed_fields_and_round_trip():
-    from lowmem.stack import describe, parse_spec
+    from lowmem.config import describe, parse_spec
 
     cfg = parse_spec(
         "checkpoint:offload=memory,stream_weights=false,lora_targets=q_proj+k_proj", seq_len=64

@@ -2,9 +2,10 @@ import pytest
 import torch
 from test_checkpoint import seeded_model
 
+from lowmem.config import StackConfig
 from lowmem.memory import LiveStorageTracker
 from lowmem.models import build_model
-from lowmem.stack import StackConfig, benchmark_batch
+from lowmem.stack import benchmark_batch
 from lowmem.tiled_mlp import apply_tiled_mlp
 
 

@@ -1,0 +1,242 @@
+"""The stack's rows and one run's configuration: one dial from full fine-tuning to the last row.
+
+Table 1 of the paper is cumulative: every row adds one technique to the row above it. Here that
+is a single dial, `StackConfig.stack`, naming the last technique enabled; every paper row is a
+prefix of `STACK`. `best` is the beyond-the-paper profile: every exact technique, no
+approximation of the loss. `StackConfig` holds every other knob of a run, validated on
+construction; `parse_spec` / `describe` turn it into a one-line spec and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+
+from lowmem.checkpoint import POLICIES
+from lowmem.offload import OFFLOADS
+from lowmem.quantize import BACKENDS, BITS, GROUP_SIZES
+from lowmem.softmax_approx import RULES, VARIANTS
+
+STACK = ("baseline", "lora", "quantize", "checkpoint", "softmax_approx", "logits_mask")
+# beyond the paper: every exact technique, no approximation of the loss
+BEST = ("lora", "quantize", "checkpoint", "logits_mask", "fused_loss", "fused_norm")
+ROWS = STACK + ("best",)
+
+LABELS = {
+    "baseline": "FP32 Baseline",
+    "lora": "+ LoRA (r=16)",
+    "quantize": "+ Quantization (INT4)",
+    "checkpoint": "+ Checkpointing",
+    "softmax_approx": "+ SM Approx. (top-1000)",
+    "logits_mask": "+ Logits Masking (30% trainable)",
+    "best": "lowmem best (exact loss)",
+}
+
+GQA_MODES = ("auto", "repeat_kv", "native")
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """One run's configuration; validated on construction, before any work is done."""
+
+    stack: str = "lora"
+    """Last technique enabled, one of STACK; every earlier one is enabled too."""
+    seq_len: int = 1024
+    """Context length T in tokens."""
+    batch_size: int = 1
+    """Sequences per step (the paper uses 1)."""
+    trainable_fraction: float = 0.3
+    """Share of positions, at the end of each sequence, whose labels are trainable."""
+    lora_r: int = 16
+    """LoRA rank r."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input path."""
+    lora_targets: tuple[str, ...] = field(default=("q_proj", "v_proj"))
+    """Linear layers that get adapters, from LINEAR_TARGETS, or ("all-linear",)."""
+    quant_bits: int = 4
+    """Bits per quantized base weight: 4 or 8."""
+    quant_group_size: int = 32
+    """Weights sharing one FP32 scale, along the input dimension: 32, 64, 128, or 0 (per row)."""
+    quant_symmetric: bool = True
+    """Symmetric (scale only) or asymmetric (scale + FP32 zero point) quantization."""
+    quant_backend: str = "lowmem"
+    """"lowmem" (the format above) or "bnb-nf4" / "bnb-fp4" (bitsandbytes, decoder linears)."""
+    offload: str = "disk"
+    """Where checkpoints, cached activations and streamed weights wait: "disk" or "memory"."""
+    offload_dir: str = ""
+    """Root folder for disk offload ("" = the system temp folder); each run gets its own."""
+    offload_async: bool = True
+    """Write offloaded tensors on a background thread (False: put() waits for the file)."""
+    stream_weights: bool = True
+    """Keep each layer's quantized weights in the store, loaded only while the layer runs (in
+    best also the embedding / LM head, in chunks of loss_chunk rows: lowmem.vocab_stream)."""
+    offload_prefetch: int = -1
+    """Read layer i - 1's input and weights while layer i runs backward: 1 = on, 0 = off (one
+    layer's weights on the device at a time), -1 = auto (on in the paper rows, off in best)."""
+    cache_policy: str = "none"
+    """Frozen linears whose outputs are cached instead of recomputed: none, attention, mlp,
+    all_linear (lowmem.checkpoint.POLICIES)."""
+    softmax_k: int = 1000
+    """Candidates per position for the softmax approximation (K; K = V is exact)."""
+    softmax_rule: str = "model_topk"
+    """How candidates are chosen: model_topk (highest logits) or target_neighbors (embedding
+    neighbours of the target)."""
+    softmax_variant: str = "paper"
+    """paper: full N x V logits/scores, subset gathered; chunked: never a whole N x V matrix."""
+    loss_chunk: int = 4096
+    """Vocabulary rows per chunk in the fused loss and the chunked softmax approximation."""
+    dequant_chunk: int = -1
+    """Output rows of a quantized layer dequantized at a time: 0 = the whole matrix, -1 = auto
+    (whole in the paper rows, as the paper implies; max(1024, seq_len // 8) rows in best)."""
+    mlp_tile: int = -1
+    """Tokens per MLP tile (lowmem.tiled_mlp): 0 = off, -1 = auto (off in the paper rows,
+    256 in best)."""
+    gqa: str = "auto"
+    """Grouped-query attention in SDPA: "repeat_kv" copies the K/V heads up to the query heads
+    before the kernel; "native" passes enable_gqa=True and copies nothing; "auto" does what
+    Table 1's numbers imply for each row: repeat_kv for baseline and lora, native from quantize
+    on (experiments/LOG.md)."""
+    seed: int = 0
+    """Seed for random weights, adapter init and the benchmark tokens."""
+
+    def __post_init__(self) -> None:
+        targets = self.lora_targets
+        targets = targets.split(",") if isinstance(targets, str) else targets
+        object.__setattr__(self, "lora_targets", tuple(targets))  # a YAML list comes in too
+        _check(self.stack in ROWS, "stack", self.stack, f"one of {', '.join(ROWS)}")
+        _check(
+            self.softmax_rule in RULES,
+            "softmax_rule",
+            self.softmax_rule,
+            f"one of {', '.join(RULES)}",
+        )
+        _check(
+            self.softmax_variant in VARIANTS,
+            "softmax_variant",
+            self.softmax_variant,
+            f"one of {', '.join(VARIANTS)}",
+        )
+        for name in ("seq_len", "batch_size", "lora_r", "lora_alpha", "softmax_k", "loss_chunk"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0, name, value, "an integer > 0")
+        _check(
+            0 < self.trainable_fraction <= 1,
+            "trainable_fraction",
+            self.trainable_fraction,
+            "a number in (0, 1]",
+        )
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        _check(self.quant_bits in BITS, "quant_bits", self.quant_bits, f"one of {BITS}")
+        _check(
+            self.quant_group_size in GROUP_SIZES,
+            "quant_group_size",
+            self.quant_group_size,
+            f"one of {GROUP_SIZES} (0 = one group per row)",
+        )
+        _check(
+            self.quant_backend in BACKENDS,
+            "quant_backend",
+            self.quant_backend,
+            f"one of {', '.join(BACKENDS)}",
+        )
+        _check(self.offload in OFFLOADS, "offload", self.offload, f"one of {', '.join(OFFLOADS)}")
+        _check(
+            self.cache_policy in POLICIES,
+            "cache_policy",
+            self.cache_policy,
+            f"one of {', '.join(POLICIES)}",
+        )
+        _check(self.dequant_chunk >= -1, "dequant_chunk", self.dequant_chunk, ">= -1")
+        _check(self.mlp_tile >= -1, "mlp_tile", self.mlp_tile, ">= -1")
+        _check(
+            self.offload_prefetch in (-1, 0, 1),
+            "offload_prefetch",
+            self.offload_prefetch,
+            "-1, 0 or 1",
+        )
+        _check(
+            not (self.resolved_mlp_tile and self.cache_policy in ("mlp", "all_linear")),
+            "cache_policy",
+            self.cache_policy,
+            "none or attention when the MLP is tiled",
+        )
+        _check(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
+        targets = self.lora_targets
+        ok = targets == ("all-linear",) or (targets and set(targets) <= set(LINEAR_TARGETS))
+        _check(
+            bool(ok),
+            "lora_targets",
+            ",".join(targets),
+            f"'all-linear' or a subset of {', '.join(LINEAR_TARGETS)}",
+        )
+
+    def enabled(self, technique: str) -> bool:
+        """Whether `technique` is on in this row (a prefix of STACK, or the `best` profile)."""
+        if self.stack == "best":
+            return technique in BEST
+        return technique in STACK and STACK.index(technique) <= STACK.index(self.stack)
+
+    @property
+    def gqa_mode(self) -> str:
+        """The GQA path this row runs: "auto" resolved."""
+        if self.gqa != "auto":
+            return self.gqa
+        return "native" if self.enabled("quantize") else "repeat_kv"
+
+    @property
+    def resolved_dequant_chunk(self) -> int:
+        if self.dequant_chunk >= 0:
+            return self.dequant_chunk
+        # best: the FP32 piece stays small next to the layer's T x D activations, and its count
+        # per tiled-MLP pass stays constant in T from 8192 on (re-dequantized per tile)
+        return max(1024, self.seq_len // 8) if self.stack == "best" else 0
+
+    @property
+    def resolved_mlp_tile(self) -> int:
+        return self.mlp_tile if self.mlp_tile >= 0 else (256 if self.stack == "best" else 0)
+
+    @property
+    def resolved_prefetch(self) -> bool:
+        return bool(self.offload_prefetch) if self.offload_prefetch >= 0 else self.stack != "best"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_spec(spec: str, **defaults) -> StackConfig:
+    """ "checkpoint:offload=memory,cache_policy=mlp" -> StackConfig; values typed by field."""
+    stack, _, rest = spec.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(StackConfig)}
+    values = dict(defaults, stack=stack)
+    for item in filter(None, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(
+                f"bad stack spec {spec!r}: {item!r} is not field=value with a field "
+                f"of StackConfig ({', '.join(fields)})"
+            )
+        kind = type(getattr(StackConfig(), key))
+        if kind is bool:
+            values[key] = raw.lower() in ("1", "true", "yes")
+        else:
+            values[key] = tuple(raw.split("+")) if kind is tuple else kind(raw)
+    return StackConfig(**values)
+
+
+def describe(cfg: StackConfig) -> str:
+    """The inverse of parse_spec: the stack and every field that is not the default."""
+    default = StackConfig(stack=cfg.stack).to_dict()
+    extra = [
+        f"{k}={'+'.join(v) if isinstance(v, tuple) else v}"
+        for k, v in cfg.to_dict().items()
+        if k not in ("stack", "seq_len") and v != default[k]
+    ]
+    return cfg.stack + (":" + ",".join(extra) if extra else "")
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"bad {name}={value!r}: must be {allowed}")
