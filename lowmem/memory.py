@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import masking_utils
@@ -213,6 +214,24 @@ def measure_step(
         metrics["rss_start_bytes"] = rss_start
         metrics["peak_rss_bytes"] = _peak_rss()
     return metrics
+
+
+def allocator_peak_bytes(step) -> int:
+    """Peak bytes the CPU allocator itself reports while `step()` runs, above where it started.
+
+    Read from the profiler's memory events: no TorchDispatchMode is active, so PyTorch takes
+    the paths a plain run takes. (Under any dispatch mode, and on fake tensors, some of its
+    backward formulas switch to out-of-place variants; `tests/test_memory.py` checks that the
+    tracker's peak equals this one for every row.)
+    """
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def _model_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, object]:

@@ -209,7 +209,7 @@ def ablation_markdown(frame: pd.DataFrame) -> str:
         "\n".join(lines)
         + "\n\nSame in every cell: "
         + ", ".join(f"{k}={v}" for k, v in same.items() if k in ("model", "meter", "stack"))
-        + " (other fields at their defaults in `lowmem/stack.py`).\n"
+        + " (other fields at their defaults in `lowmem/config.py`).\n"
     )
 
 
