@@ -8,9 +8,9 @@ A weight is dequantized whole, to FP32, just before its matmul and freed right a
 dequantizes it again for the input gradient (`_DequantLinear`), so no FP32 copy is ever kept
 for backward. `best` dequantizes C output rows at a time instead (`chunk`): the transient is
 C x D_in x 4 B, 32 MiB for a 1024-row chunk of Llama's down_proj, not 96 MiB. Whole, the
-largest transient is the tied 128256 x 3072 LM head: 1.47 GiB of FP32 plus its 0.39 GiB of
-unpacked codes while they are converted. An embedding lookup dequantizes only the T rows it
-gathers.
+largest transient is the tied 128256 x 3072 LM head: 1.47 GiB of FP32 plus one nibble of
+each code (0.18 GiB of uint8) while they are converted. An embedding lookup dequantizes only
+the T rows it gathers.
 """
 
 from __future__ import annotations

@@ -115,12 +115,13 @@ def _expand(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
 
 def _expand_codes(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
     n_rows = codes.shape[0]
-    if bits == 4:  # unpacked into one uint8 buffer (no halves and stack: 3.4x faster here)
-        pairs = codes.new_empty(*codes.shape, 2)
-        torch.bitwise_and(codes, 0x0F, out=pairs[..., 0])
-        torch.bitwise_right_shift(codes, 4, out=pairs[..., 1])
-        codes = pairs.reshape(n_rows, -1)
-    w = codes.to(torch.float32).reshape(n_rows, -1, group)  # the one FP32 copy; edited in place
+    if bits == 4:  # each nibble written straight into the FP32 buffer (one half-size temporary)
+        w = torch.empty(*codes.shape, 2, dtype=torch.float32, device=codes.device)
+        w[..., 0] = codes & 0x0F
+        w[..., 1] = codes >> 4
+    else:
+        w = codes.to(torch.float32)
+    w = w.reshape(n_rows, -1, group)  # the one FP32 copy; edited in place
     w.sub_(zeros[..., None] if zeros is not None else 2 ** (bits - 1))
     w.mul_(scales[..., None])
     return w.reshape(n_rows, -1)
