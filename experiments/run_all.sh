@@ -9,11 +9,15 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 for grid in experiments/*/grid.yaml; do
   $PY -m lowmem grid "$(dirname "$grid")" --force
 done
+# step times on one thread: on this 2-core VM two threads parallelise the matmuls but not the
+# Python and I/O around them, and the run-to-run spread is larger (experiments/LOG.md)
+export OMP_NUM_THREADS=1
 $PY -m lowmem speed --model smollm2-135m --stacks lora quantize --seq-len 256 --steps 5 --experiment quant_speed >/dev/null
 $PY -m lowmem speed --model smollm2-135m --stacks quantize "checkpoint:offload=memory,stream_weights=false" \
     "checkpoint:offload=memory" checkpoint --seq-len 256 --steps 3 --experiment checkpoint_speed >/dev/null
 $PY -m lowmem speed --model smollm2-135m --stacks lora quantize checkpoint best --seq-len 256 \
     --steps 3 --experiment best_speed >/dev/null
+unset OMP_NUM_THREADS
 for stack in lora checkpoint; do
   T=$([ $stack = lora ] && echo 512 || echo 1024)
   for meter in simulated cpu; do
