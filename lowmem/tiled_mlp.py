@@ -26,8 +26,8 @@ output values are never read, only their gradients:
   (plus a LoRA term), so `QuantLinear.values_needed = False` leaves it out and keeps its
   input gradient.
 
-A step then runs the MLP forward twice (forward, backward tile) plus gate and up once more,
-instead of four times.
+Inside a checkpointed layer a step then runs the whole MLP forward once (the forward) and gate
+and up once more (the tile backward), instead of the whole MLP three times.
 """
 
 from __future__ import annotations
