@@ -36,7 +36,7 @@ grid: $(STAMP)  ## papermill grid, one notebook run per cell: make grid EXP=soft
 	$(OFFLINE) $(PY) -m lowmem grid experiments/$(EXP) $(if $(FORCE),--force)
 	$(PY) -m lowmem table $(EXP)
 
-quality: $(STAMP) assets  ## the quality table: SmolLM2-135M fine-tuned under each stack row (~2 h)
+quality: $(STAMP) assets  ## the quality table: SmolLM2-135M fine-tuned under each stack row (~30 min)
 	$(OFFLINE) $(PY) -m lowmem quality
 
 tables: $(STAMP)  ## rebuild results/tables/ and results/figures/ from the committed records only
