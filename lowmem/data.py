@@ -38,6 +38,7 @@ Worked example: SmolLM2 tokenizer, the first 300 usable ShareGPT conversations, 
 
 from __future__ import annotations
 
+import numbers
 import random
 import re
 from collections.abc import Sequence
@@ -66,6 +67,7 @@ CHATML = (
 )
 END_OF_TURN = "<|im_end|>"
 FEATURES = Features({"input_ids": List(Value("int64")), "labels": List(Value("int64"))})
+TASKS = "shakespeare, sharegpt, or an existing .jsonl (chat messages) or .json (Alpaca) file"
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,8 @@ def text_blocks(
     documents = [documents] if isinstance(documents, str) else list(documents)
     ids: list[int] = []
     eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    for doc in tokenizer(documents, add_special_tokens=False)["input_ids"]:
+    encoded = tokenizer(documents, add_special_tokens=False)["input_ids"] if documents else []
+    for doc in encoded:
         ids += doc + eos
     blocks = [ids[k : k + block_size] for k in range(0, len(ids) - block_size + 1, block_size)]
     return Dataset.from_dict({"input_ids": blocks, "labels": blocks}, features=FEATURES)
@@ -171,6 +174,11 @@ def shakespeare(
     with `seed`) held out; only the first `plays` plays by name when given (all 38 are 1.6M
     tokens, ~5 s to tokenize)."""
     texts = dict(list(shakespeare_plays().items())[:plays])
+    if len(texts) < 2:
+        raise ValueError(
+            f"bad limit={plays} for shakespeare: at least 2 plays are needed (whole plays are "
+            f"held out for evaluation); there are {len(shakespeare_plays())}"
+        )
     n_test = max(1, round(len(texts) * test_fraction))
     held_out = tuple(sorted(random.Random(seed).sample(sorted(texts), n_test)))
     train = text_blocks([t for n, t in texts.items() if n not in held_out], tokenizer, block_size)
@@ -200,22 +208,37 @@ def load_task(
 ) -> Task:
     """Train and test datasets for "sharegpt", "shakespeare" (`max_length` = block size), or a
     file: `.jsonl` chat messages or `.json` Alpaca records. `limit`: use the first n usable
-    conversations (Shakespeare: plays); `strict`: refuse a file with any malformed row."""
+    conversations (Shakespeare: plays); `strict`: refuse a file with any malformed row. A bad
+    name, a missing file, a limit that is not an integer >= 1 and a file that is not UTF-8 are
+    refused (ValueError, one line) before any work."""
+    limit = check_limit(limit)
     if name == "shakespeare":
         return shakespeare(tokenizer, max_length, test_fraction, seed, limit)
     report = Report()
     if name == "sharegpt":
         conversations = read_sharegpt(limit=limit, report=report)
+    elif not isinstance(name, str | Path) or not str(name).endswith((".jsonl", ".json")):
+        raise ValueError(f"unknown task {str(name)!r}: a task is {TASKS}")
+    elif not Path(name).is_file():
+        raise ValueError(f"task file {str(name)!r} does not exist: a task is {TASKS}")
     elif str(name).endswith(".jsonl"):
         conversations = read_chat_jsonl(name, strict, report)[:limit]
-    elif str(name).endswith(".json"):
-        conversations = read_alpaca(name, strict, report)[:limit]
     else:
-        raise ValueError(f"unknown task {str(name)!r}: sharegpt, shakespeare, *.jsonl or *.json")
+        conversations = read_alpaca(name, strict, report)[:limit]
     train, test = split(conversations, test_fraction, seed)
     train_ds = chat_dataset(train, tokenizer, max_length, report)
     test_ds = chat_dataset(test, tokenizer, max_length, report)
     return Task(Path(name).stem, train_ds, test_ds, report)
+
+
+def check_limit(limit: object) -> int | None:
+    """`limit` as an int if it is None or an integer >= 1 (not a bool); else one clear error.
+    0 failed deep in random.sample, and a negative limit sliced conversations off the end."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
+        raise ValueError(f"bad limit {limit!r}: must be an integer >= 1, or None for all")
+    return int(limit)
 
 
 def sharegpt(

@@ -5,7 +5,8 @@ assistant alternating, with at least one assistant reply (`check_conversation`).
 turns its format into conversations row by row and never guesses: a malformed row (bad JSON, a
 missing key, an unknown role, turns out of order) is skipped and recorded in a `Report` with its
 line number, with one warning per call, or refused (`strict=True`: a ValueError naming the line
-and what is wrong).
+and what is wrong). A file that is not UTF-8 is refused whatever `strict` says (another encoding
+would garble every row), naming the file, the first line that does not decode and its byte offset.
 
 Formats: chat JSONL, one `{"messages": [...]}` object per line; Alpaca JSON, a list of
 {instruction, input, output} records (input optional; the user turn is the instruction, then a
@@ -24,6 +25,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -89,6 +91,30 @@ def check_conversation(messages: object) -> tuple[str, str] | None:
     return None
 
 
+@contextmanager
+def _utf8(path: Path) -> Iterator[None]:
+    """Turn a UnicodeDecodeError while reading `path` into one line naming where it happened."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> ValueError:
+    """The error for a file that is not UTF-8: its first undecodable line and byte offset."""
+    offset = 0
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):  # "\n" never ends a multi-byte character early
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = f"line {n}, byte offset {offset + err.start}"
+                why = f"{err.reason}: 0x{raw[err.start]:02x}"
+                return ValueError(f"{path}: not UTF-8 text at {where} ({why}); save it as UTF-8")
+            offset += len(raw)
+    return ValueError(f"{path}: not UTF-8 text; save it as UTF-8")
+
+
 def _json_list(f: TextIO) -> Iterator[tuple[int, object, str | None]]:
     """(line, record, None) per element of the JSON list in `f`, read lazily in chunks; a final
     (line, None, why) when the list is cut off or malformed at that line."""
@@ -144,7 +170,7 @@ def read_sharegpt(
         report if report is not None else Report(),
     )
     since, out = len(report.problems), []
-    with path.open(encoding="utf-8") as f:
+    with _utf8(path), path.open(encoding="utf-8") as f:
         for i, (line, record, error) in enumerate(_json_list(f)):
             where = f"{path.name} record {i} (line {line})"
             if error:
@@ -177,7 +203,7 @@ def read_chat_jsonl(
     """Conversations from a JSONL file of `{"messages": [{role, content}, ...]}` objects."""
     path, report = Path(path), report if report is not None else Report()
     since, out = len(report.problems), []
-    with path.open(encoding="utf-8") as f:
+    with _utf8(path), path.open(encoding="utf-8") as f:
         for n, text in enumerate(f, 1):
             if not text.strip():
                 continue
@@ -204,7 +230,7 @@ def read_alpaca(
     """Conversations from an Alpaca JSON list of {instruction, input (optional), output}."""
     path, report = Path(path), report if report is not None else Report()
     since, out = len(report.problems), []
-    with path.open(encoding="utf-8") as f:
+    with _utf8(path), path.open(encoding="utf-8") as f:
         for i, (line, record, error) in enumerate(_json_list(f)):
             where = f"{path.name} record {i} (line {line})"
             if error:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -248,6 +249,60 @@ def test_a_chat_file_task_splits_deterministically_into_disjoint_datasets(tmp_pa
     assert task.test["labels"] == again.test["labels"]
     rows = {tuple(r) for r in task.train["input_ids"]} | {tuple(r) for r in task.test["input_ids"]}
     assert len(rows) == 10 and task.report.problems == []
+
+
+# --- refused inputs: one line naming the bad value and what is allowed ------------------------
+
+TASKS = ("shakespeare", "sharegpt", ".jsonl", ".json")
+
+
+def test_a_missing_task_file_is_refused_naming_the_path_and_what_a_task_may_be(tmp_path):
+    (tmp_path / "folder.jsonl").mkdir()
+    names = [tmp_path / "missing.jsonl", str(tmp_path / "missing.json"), tmp_path / "folder.jsonl"]
+    for name in [*names, "alpaca.csv", "ShareGPT"]:
+        with pytest.raises(ValueError) as err:  # before any tokenizer is needed
+            load_task(name, None, 32)
+        message = str(err.value)
+        assert str(name) in message and "\n" not in message
+        assert all(t in message for t in TASKS), message
+
+
+@pytest.mark.parametrize("limit", [0, -2, True, 1.5, "3"])
+def test_a_limit_that_is_not_an_integer_of_at_least_one_is_refused(tmp_path, limit):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n")
+    for task in ("shakespeare", path):  # Shakespeare: 0 plays failed in random.sample
+        with pytest.raises(ValueError, match=rf"^bad limit {re.escape(repr(limit))}: must be an"):
+            load_task(task, None, 32, limit=limit)
+
+
+def latin1_chat(i):
+    chat = [{**CHAT[0], "content": f"Café {i}?"}, CHAT[1]]
+    return json.dumps({"messages": chat}, ensure_ascii=False).encode("latin-1")
+
+
+def test_a_task_file_that_is_not_utf8_is_refused_naming_the_file_line_and_byte(tmp_path):
+    good = json.dumps({"messages": CHAT}).encode()
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(b"\n".join([good, good, latin1_chat(0), latin1_chat(1)]) + b"\n")
+    offset = jsonl.read_bytes().index(b"\xe9")  # the first é, on line 3
+    where = rf"^{re.escape(str(jsonl))}: not UTF-8 text at line 3, byte offset {offset} \("
+    for strict in (False, True):
+        with pytest.raises(ValueError, match=where):
+            read_chat_jsonl(jsonl, strict=strict)
+    with pytest.raises(ValueError, match=where):
+        load_task(jsonl, None, 32)
+
+    records = [{"instruction": "Add.", "output": "4"}, {"instruction": "Café?", "output": "Oui."}]
+    alpaca = tmp_path / "latin1.json"
+    lines = ",\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+    alpaca.write_bytes(f"[\n{lines}\n]\n".encode("latin-1"))  # record 1 on line 3
+    offset = alpaca.read_bytes().index(b"\xe9")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(alpaca))}: .* line 3, byte offset "):
+        read_alpaca(alpaca)
+    with pytest.raises(ValueError, match=rf"byte offset {offset} \(invalid continuation") as err:
+        load_task(str(alpaca), None, 32)
+    assert "\n" not in str(err.value)
 
 
 # --- text blocks ------------------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""Files lowmem leaves for the user: written atomically, with the modes the user's umask gives.
+
+Policy: records, run folders, checkpoints and adapters are created like any file the user
+creates: files 0666 & ~umask, folders 0777 & ~umask (0644 / 0755 under the usual umask 022,
+0600 / 0700 under 077), so whoever may read the user's other files may read these too.
+`tempfile.mkstemp` / `mkdtemp`, through which every atomic write goes, create 0600 / 0700
+whatever the umask (right for secrets in a shared /tmp, wrong for results), and so does
+safetensors >= 0.8 (it too writes through a temporary file; safetensors issue #782): what they
+create gets the policy's mode before it is renamed into place, so a final name never shows
+another mode. A temporary file or folder is named `.<name>.<random>.tmp` beside its target; one
+left by a killed writer is removed by `lowmem.resume.open_run`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def umask() -> int:
+    """The process umask: read from /proc on Linux, else set and put back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)  # for the instant before it is put back, stricter, not looser
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    return 0o777 & ~umask()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) as `path`: a temporary file beside it, given the policy's mode, then
+    a rename, so `path` is either the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def temp_folder(path: Path) -> Path:
+    """A new empty folder beside `path`, with the policy's mode, to be renamed to `path`."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, folder_mode())
+    return tmp
