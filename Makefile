@@ -8,7 +8,7 @@ METER ?= simulated
 EXP ?= table1
 GRIDS := $(notdir $(patsubst %/grid.yaml,%,$(wildcard experiments/*/grid.yaml)))
 
-.PHONY: setup assets reproduce experiments grid quality tables test test-slow lint format clean
+.PHONY: setup assets reproduce experiments grid quality tables test test-slow lint format clean clean-offload
 
 setup: $(STAMP)  ## create .venv and install the pinned requirements (+ lowmem, editable)
 
@@ -56,6 +56,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format lowmem tests
 	$(VENV)/bin/ruff check --fix lowmem tests
+
+clean-offload: $(STAMP)  ## remove offload folders of killed runs: make clean-offload [DIR=root]
+	$(PY) -m lowmem clean $(if $(DIR),--offload-dir $(DIR))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

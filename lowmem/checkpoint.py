@@ -38,7 +38,7 @@ import weakref
 import torch
 
 from lowmem.models import base_model
-from lowmem.offload import make_store
+from lowmem.offload import make_store, reclaim
 from lowmem.quant_linear import QuantLinear, input_grad
 from lowmem.rng import replayed_rng, saved_rng
 from lowmem.tiled_mlp import values_unused
@@ -58,6 +58,9 @@ class Checkpointing:
     def __init__(
         self, offload, meter, stream_weights, root=None, async_writes=True, prefetch=True
     ) -> None:
+        # folders of killed runs under this root go first, under any offload and meter (a
+        # listing of the root); a disk store then checks the root and refuses a bad one
+        reclaim(root)
         self.store = make_store(offload, meter, root, async_writes)  # inputs, cached outputs
         self.weights = make_store(offload, meter, root, async_writes) if stream_weights else None
         self.prefetch = prefetch  # read layer i - 1 while layer i runs backward (double buffer)

@@ -15,9 +15,17 @@ Memory arithmetic: on Llama-3.2 3B at 16384 tokens, one layer input is 16384 x 3
 192 MiB; 28 of them (5.25 GiB) sit on disk instead of in memory, and the INT4 weights of the 28
 layers (1.62 GiB) are read back one layer at a time.
 
-The directory is removed on close, on exceptions and on Ctrl-C (the owner closes the store in a
-`finally`); a directory left behind by a killed process is removed by the next DiskStore
-created under the same root, if its owner process is gone and it belongs to this user.
+The root folder is `offload_dir`, or the system temp folder's `lowmem-offload` when it is ""
+(created on demand). `check_offload_root` refuses an `offload_dir` that does not exist, is not
+a folder or is not writable, with one line, before anything is written; nothing creates it.
+
+A run's directory is `lowmem-run-<pid>-<start>-<random>` (start: the owner's start time in
+clock ticks since boot, from /proc where there is one). It is removed on close, on exceptions
+and on Ctrl-C (the owner closes the store in a `finally`). One left behind by `kill -9` is
+reclaimed by `remove_stale_dirs`: when checkpointing sets up its stores (every run that uses a
+store root: any meter, memory or disk offload), when a DiskStore is created, and on demand by
+`python -m lowmem clean`. Only this user's directories whose owner is gone go; a PID reused by
+another process does not keep a directory alive, since that process started at another time.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import time
@@ -49,8 +58,10 @@ _DTYPES = {
 Entry = dict[str, torch.Tensor]
 
 
-class OffloadError(RuntimeError):
-    """The store cannot hold what it was given (no space, unwritable directory, ...)."""
+class OffloadError(RuntimeError, ValueError):
+    """The store cannot hold what it was given (no space, unwritable directory, ...).
+
+    Also a ValueError: a bad `offload_dir` is bad input, refused with one line like the rest."""
 
 
 class MemoryStore:
@@ -120,11 +131,10 @@ class DiskStore:
 
     def __init__(self, root: str | os.PathLike | None = None, async_writes: bool = True) -> None:
         self.async_writes = async_writes  # False: all I/O on the calling thread, in order
-        root = Path(root or Path(tempfile.gettempdir()) / "lowmem-offload")
+        root = check_offload_root(root)
+        remove_stale_dirs(root)
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            remove_stale_dirs(root)
-            self.dir = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=root))
+            self.dir = Path(tempfile.mkdtemp(prefix=_run_prefix(), dir=root))
         except OSError as err:
             raise OffloadError(f"cannot create an offload directory under {root}: {err}") from err
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmem-offload")
@@ -216,19 +226,82 @@ def make_store(offload: str, meter: str, root: str | None = None, async_writes: 
     return SimulatedStore() if meter == "simulated" else DiskStore(root, async_writes)
 
 
-def remove_stale_dirs(root: Path) -> list[Path]:
-    """Remove run directories under `root` whose process is gone; only this user's."""
-    removed = []
-    for path in root.glob(f"{_PREFIX}*"):
+def offload_root(offload_dir: str | os.PathLike | None = "") -> Path:
+    """The root folder of run directories: `offload_dir`, or temp/lowmem-offload for ""."""
+    return Path(offload_dir) if offload_dir else Path(tempfile.gettempdir()) / "lowmem-offload"
+
+
+def check_offload_root(offload_dir: str | os.PathLike | None = "") -> Path:
+    """The root for `offload_dir`, checked: an existing, writable folder. Only the default root
+    ("" = the system temp folder) is created; raises OffloadError (a ValueError) otherwise."""
+    root = offload_root(offload_dir)
+    if not offload_dir:
         try:
-            pid = int(path.name[len(_PREFIX) :].split("-")[0])
-            if path.stat().st_uid != os.getuid() or _alive(pid):
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OffloadError(f"cannot create the offload folder {root}: {err}") from err
+        return root
+    if not root.exists():
+        problem, fix = "does not exist", "create it"
+    elif not root.is_dir():
+        problem, fix = "is not a folder", "pass a folder"
+    elif not os.access(root, os.W_OK | os.X_OK):
+        problem, fix = "is not writable", "pass a writable folder"
+    else:
+        return root
+    raise OffloadError(
+        f"offload_dir {str(offload_dir)!r} {problem}; {fix} or pass '' for the system temp folder"
+    )
+
+
+def reclaim(offload_dir: str | os.PathLike | None = "") -> dict[Path, int]:
+    """`remove_stale_dirs` under the root of `offload_dir`, if it is a folder (never created)."""
+    root = offload_root(offload_dir)
+    return remove_stale_dirs(root) if root.is_dir() else {}
+
+
+def remove_stale_dirs(root: Path) -> dict[Path, int]:
+    """Remove run directories under `root` whose owner process is gone; only this user's.
+
+    Returns {directory: bytes freed}. Costs one listing of `root`, plus a walk of each dead one.
+    """
+    removed = {}
+    for path in Path(root).glob(f"{_PREFIX}*"):
+        try:
+            parts = path.name[len(_PREFIX) :].split("-")
+            pid, start = int(parts[0]), parts[1] if len(parts) == 3 else None
+            info = path.lstat()  # a symlink is never followed, nor removed
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
                 continue
+            if _alive(pid) and (start is None or _start_time(pid) in (start, None)):
+                continue
+            size = sum(
+                os.lstat(os.path.join(folder, name)).st_size
+                for folder, _, names in os.walk(path)  # links are not followed
+                for name in names
+            )
         except (ValueError, OSError):
             continue
         shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+        removed[path] = size
     return removed
+
+
+def _run_prefix() -> str:
+    start = _start_time(os.getpid())
+    return f"{_PREFIX}{os.getpid()}-{start}-" if start else f"{_PREFIX}{os.getpid()}-"
+
+
+def _start_time(pid: int) -> str | None:
+    """When `pid` started, in clock ticks since boot (Linux); None where unknown.
+
+    Ticks, not wall time: the boot time derived from the wall clock moves when it is set."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()  # after the command name
+        return fields[19].decode()  # field 22 of proc(5), counted from field 3
+    except (OSError, IndexError):
+        return None
 
 
 def _alive(pid: int) -> bool:

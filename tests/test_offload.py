@@ -1,13 +1,19 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lowmem import offload
+from lowmem.__main__ import main
+from lowmem.bench import run_cell
+from lowmem.config import StackConfig
+from lowmem.models import build_model
 from lowmem.offload import DiskStore, MemoryStore, OffloadError, SimulatedStore
+from lowmem.stack import apply_stack
 
 
 def _entry():
@@ -60,29 +66,112 @@ def test_a_full_disk_is_refused_with_the_path_and_the_bytes_needed(tmp_path, mon
     store.close()
 
 
-def test_an_unwritable_root_is_refused_clearly(tmp_path):
+def test_an_offload_dir_that_is_missing_a_file_or_unwritable_is_refused_not_created(tmp_path):
+    missing = tmp_path / "nope"
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(OffloadError, match="cannot create an offload directory under"):
+    with pytest.raises(ValueError) as err:  # OffloadError is a ValueError: bad input
+        offload.check_offload_root(str(missing))
+    assert str(err.value) == (
+        f"offload_dir '{missing}' does not exist; create it or pass '' for the system temp folder"
+    )
+    with pytest.raises(OffloadError, match=f"offload_dir '{blocker}' is not a folder"):
+        DiskStore(blocker)
+    with pytest.raises(OffloadError, match="does not exist"):
         DiskStore(blocker / "offload")
+    if os.getuid() != 0:  # root may write anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        with pytest.raises(OffloadError, match="is not writable; pass a writable folder"):
+            DiskStore(tmp_path / "ro")
+    cfg = StackConfig("checkpoint", seq_len=8, offload_dir=str(missing))
+    with pytest.raises(OffloadError, match="does not exist"):
+        apply_stack(build_model("tiny-llama"), cfg)
+    assert not missing.exists() and not (blocker / "offload").exists()
 
 
-def test_directories_of_dead_runs_are_removed_but_never_a_live_one(tmp_path):
+def test_the_default_root_is_created_in_the_temp_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert offload.check_offload_root("") == tmp_path / "lowmem-offload"
+    assert (tmp_path / "lowmem-offload").is_dir()
+
+
+def start_ticks(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat: when the process started, in clock ticks since boot."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[19]
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def run_dirs(tmp_path):
+    """Run folders as DiskStores name them: a dead run's (92 bytes), a live one's, another
+    file; where start times are known, a live one's with its start, and one of a reused PID."""
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
         capture_output=True,
         text=True,
         check=True,
     )
-    stale = tmp_path / f"lowmem-run-{int(dead.stdout)}-abc"
-    live = tmp_path / f"lowmem-run-{os.getpid()}-def"
-    stranger = tmp_path / "someone-elses"
-    for d in (stale, live, stranger):
+    pid, start = os.getpid(), start_ticks(os.getpid())
+    dirs = {
+        "dead": tmp_path / f"lowmem-run-{int(dead.stdout)}-abc",
+        "live": tmp_path / f"lowmem-run-{pid}-def",
+        "stranger": tmp_path / "someone-elses",
+    }
+    if start is not None:
+        dirs["live_started"] = tmp_path / f"lowmem-run-{pid}-{start}-ghi"
+        dirs["reused_pid"] = tmp_path / f"lowmem-run-{pid}-{int(start) + 1}-jkl"
+    for d in dirs.values():
         d.mkdir()
-        (d / "x.safetensors").write_bytes(b"1")
+        (d / "h0.safetensors").write_bytes(b"1" * 92)
+    return dirs
+
+
+def left(dirs) -> set[str]:
+    return {name for name, d in dirs.items() if d.exists()}
+
+
+KEPT = {"live", "stranger", "live_started"}
+
+
+def test_directories_of_dead_runs_are_removed_but_never_a_live_one(tmp_path, run_dirs):
     store = DiskStore(tmp_path)
-    assert not stale.exists() and live.exists() and stranger.exists()
+    assert left(run_dirs) == KEPT & run_dirs.keys()
+    start = start_ticks(os.getpid())
+    assert store.dir.name.startswith(f"lowmem-run-{os.getpid()}-{start + '-' if start else ''}")
     store.close()
+
+
+@pytest.mark.parametrize("meter, offload_to", [("simulated", "disk"), ("cpu", "memory")])
+def test_any_checkpointed_run_reclaims_dead_runs_under_its_root(
+    tmp_path, run_dirs, meter, offload_to
+):
+    cfg = StackConfig("checkpoint", seq_len=8, offload=offload_to, offload_dir=str(tmp_path))
+    if meter == "simulated":  # a measurement, end to end
+        assert run_cell("tiny-llama", cfg, meter)["status"] == "ok"
+    else:  # the library API
+        model = apply_stack(build_model("tiny-llama"), cfg, meter)
+        model.get_base_model().lowmem_checkpointing.close()
+    assert left(run_dirs) == KEPT & run_dirs.keys()
+
+
+def test_clean_removes_dead_runs_and_says_what_it_freed(tmp_path, run_dirs, capsys):
+    assert main(["clean", "--offload-dir", str(tmp_path)]) == 0
+    assert left(run_dirs) == KEPT & run_dirs.keys()
+    out = capsys.readouterr().out.strip().splitlines()
+    n = len(run_dirs) - len(KEPT & run_dirs.keys())
+    assert f"removed {run_dirs['dead']} (92 bytes)" in out
+    assert out[-1].startswith(f"removed {n} folder(s), {92 * n} bytes (0.0 MB), under {tmp_path}")
+    assert main(["clean", "--offload-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("removed 0 folder(s), 0 bytes")
+    assert main(["clean", "--offload-dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: offload_dir '{tmp_path / 'nope'}' does not exist; create it or pass "
+        "'' for the system temp folder"
+    ]
+    assert not (tmp_path / "nope").exists()
 
 
 def test_bad_offload_target_is_refused():
