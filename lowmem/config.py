@@ -105,7 +105,9 @@ class StackConfig:
     def __post_init__(self) -> None:
         targets = self.lora_targets
         targets = targets.split(",") if isinstance(targets, str) else targets
-        object.__setattr__(self, "lora_targets", tuple(targets))  # a YAML list comes in too
+        if isinstance(targets, list | tuple):  # a YAML list comes in too
+            object.__setattr__(self, "lora_targets", tuple(targets))
+        check_types(self)
         _check(self.stack in ROWS, "stack", self.stack, f"one of {', '.join(ROWS)}")
         _check(
             self.softmax_rule in RULES,
@@ -173,6 +175,15 @@ class StackConfig:
             f"'all-linear' or a subset of {', '.join(LINEAR_TARGETS)}",
         )
 
+    def check_model(self, vocab_size: int) -> None:
+        """Refuse settings that the model's vocabulary makes impossible (before any work)."""
+        _check(
+            not self.enabled("softmax_approx") or self.softmax_k <= vocab_size,
+            "softmax_k",
+            self.softmax_k,
+            f"at most the model's vocabulary size {vocab_size} (K = V is the exact softmax)",
+        )
+
     def enabled(self, technique: str) -> bool:
         """Whether `technique` is on in this row (a prefix of STACK, or the `best` profile)."""
         if self.stack == "best":
@@ -206,8 +217,49 @@ class StackConfig:
         return asdict(self)
 
 
+def check_types(obj: object) -> None:
+    """Refuse a field value of the wrong type (a quoted "false" for a bool, 1.5 for an int);
+    an int for a float field becomes that float. Dataclass fields, annotated by name."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kind = _KINDS.get(f.type)
+        if kind is None:
+            continue
+        ok = isinstance(value, kind[0]) and not (kind[0] is not bool and isinstance(value, bool))
+        if kind[0] is tuple:
+            ok = ok and all(isinstance(v, str) for v in value)
+        if f.type == "float" and ok:
+            object.__setattr__(obj, f.name, float(value))
+        _check(ok, f.name, value, kind[1])
+
+
+_KINDS = {  # annotation -> (accepted types, what the message calls it)
+    "bool": (bool, "true or false (a boolean, not a string)"),
+    "int": (int, "an integer"),
+    "float": ((int, float), "a number"),
+    "str": (str, "a string"),
+    "tuple[str, ...]": (tuple, "a list of strings"),
+}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_value(cls: type, key: str, raw: str) -> object:
+    """A `--set key=raw` / spec string typed by the field `key` of the dataclass `cls`."""
+    kind = {f.name: f.type for f in dataclasses.fields(cls)}[key]
+    try:
+        if kind == "bool":
+            return _BOOLS[raw.lower()]
+        if kind in ("int", "float"):
+            return int(raw) if kind == "int" else float(raw)
+    except (KeyError, ValueError):
+        raise ValueError(f"bad {key}={raw!r}: must be {_KINDS[kind][1]}") from None
+    return tuple(raw.split("+")) if kind.startswith("tuple") else raw
+
+
 def parse_spec(spec: str, **defaults) -> StackConfig:
     """ "checkpoint:offload=memory,cache_policy=mlp" -> StackConfig; values typed by field."""
+    if not isinstance(spec, str):
+        raise ValueError(f"bad stack spec {spec!r}: must be a string such as 'best:softmax_k=100'")
     stack, _, rest = spec.partition(":")
     fields = {f.name: f for f in dataclasses.fields(StackConfig)}
     values = dict(defaults, stack=stack)
@@ -218,11 +270,7 @@ def parse_spec(spec: str, **defaults) -> StackConfig:
                 f"bad stack spec {spec!r}: {item!r} is not field=value with a field "
                 f"of StackConfig ({', '.join(fields)})"
             )
-        kind = type(getattr(StackConfig(), key))
-        if kind is bool:
-            values[key] = raw.lower() in ("1", "true", "yes")
-        else:
-            values[key] = tuple(raw.split("+")) if kind is tuple else kind(raw)
+        values[key] = parse_value(StackConfig, key, raw)
     return StackConfig(**values)
 
 

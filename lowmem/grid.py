@@ -4,9 +4,12 @@
 `experiments/defaults.yaml`; `axes` may also be a list of such blocks, and the grid is then the
 union of their products (e.g. one block on the 3B models, one on a small model). A cell is the
 flat parameter set of `notebooks/run_cell.ipynb` (model, meter, experiment and the fields of
-`StackConfig`). Every cell is validated before any
-runs. Cells whose record exists are skipped unless forced; a cell that crashes the notebook
-becomes a `failed` record with the error, and the grid carries on.
+`StackConfig`). Every cell is validated before any runs: a grid.yaml has only the keys
+`axes` and `overrides`, and a wrong shape, an unknown key, a YAML syntax error or a value of
+the wrong type (a quoted "false") is refused in one line that names the file. Values reach
+the notebook as YAML gave them, never coerced. Cells whose record exists are skipped unless
+forced; a cell that crashes the notebook becomes a `failed` record with the error, and the
+grid carries on.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from tqdm.auto import tqdm
 from lowmem import results
 from lowmem.config import StackConfig
 from lowmem.memory import METERS
-from lowmem.models import get_spec
+from lowmem.models import REGISTRY
 
 DEFAULTS = results.REPO_ROOT / "experiments" / "defaults.yaml"
 RUN_NOTEBOOK = results.REPO_ROOT / "notebooks" / "run_cell.ipynb"
 _FIELDS = tuple(f.name for f in dataclasses.fields(StackConfig))
 _KEYS = ("model", "meter", "experiment", *_FIELDS)
+_SECTIONS = ("axes", "overrides")  # a grid.yaml's top-level keys
+_EG = "{stack: [lora, best], seq_len: [1024, 2048]}"
 
 
 def config_from_parameters(params: dict) -> StackConfig:
@@ -36,8 +41,21 @@ def config_from_parameters(params: dict) -> StackConfig:
     return StackConfig(**{k: params[k] for k in _FIELDS if k in params})
 
 
+def check_cell(params: dict) -> StackConfig:
+    """The StackConfig of a cell's flat parameters, after checking its model, meter and
+    experiment; values are taken as given (no coercion), so a quoted "false" is refused."""
+    model, meter, experiment = (params.get(k) for k in ("model", "meter", "experiment"))
+    if not isinstance(model, str) or model not in REGISTRY:
+        raise ValueError(f"unknown model {model!r}; known models: {', '.join(REGISTRY)}")
+    if not isinstance(meter, str) or meter not in METERS:
+        raise ValueError(f"unknown meter {meter!r}; choose one of {', '.join(METERS)}")
+    results.check_slug("experiment", experiment)
+    return config_from_parameters(params)
+
+
 def load_grid(folder: str | Path, meter: str | None = None) -> list[dict]:
-    """Every cell of the grid, validated: unknown keys, models or config values raise.
+    """Every cell of the grid, validated: a bad shape, key, model or value raises one line
+    naming the file, before any cell runs.
 
     `meter` (e.g. "cuda") replaces every cell's meter; cells whose meter it changes write to
     the experiment `<name>_<meter>`, so real measurements never mix with the committed ones.
@@ -46,14 +64,10 @@ def load_grid(folder: str | Path, meter: str | None = None) -> list[dict]:
     path = folder / "grid.yaml"
     if not path.is_file():
         raise ValueError(f"{path} does not exist; a grid folder needs a grid.yaml")
-    spec = yaml.safe_load(path.read_text()) or {}
-    base = {
-        **yaml.safe_load(DEFAULTS.read_text()),
-        "experiment": folder.name,
-        **(spec.get("overrides") or {}),
-    }
-    blocks = spec.get("axes") or {}
-    blocks = blocks if isinstance(blocks, list) else [blocks]
+    if meter is not None and meter not in METERS:
+        raise ValueError(f"unknown meter {meter!r}; choose one of {', '.join(METERS)}")
+    blocks, overrides = _read_spec(path)
+    base = {**_read_yaml(DEFAULTS), "experiment": folder.name, **overrides}
     cells = [
         {**base, **dict(zip(axes, combo, strict=True))}
         for axes in blocks
@@ -62,15 +76,80 @@ def load_grid(folder: str | Path, meter: str | None = None) -> list[dict]:
     for cell in cells:
         if meter and meter != cell["meter"]:
             cell.update(meter=meter, experiment=f"{cell['experiment']}_{meter}")
-    for cell in cells:
-        unknown = sorted(set(cell) - set(_KEYS))
-        if unknown:
-            raise ValueError(f"{path}: unknown parameter(s) {unknown}; allowed: {list(_KEYS)}")
-        get_spec(cell["model"])
-        if cell["meter"] not in METERS:
-            raise ValueError(f"unknown meter {cell['meter']!r}; choose one of {', '.join(METERS)}")
-        config_from_parameters(cell)
+        try:
+            check_cell(cell)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
     return cells
+
+
+def _read_spec(path: Path) -> tuple[list[dict], dict]:
+    """A grid.yaml's axis blocks and overrides, every shape and key checked (values are
+    StackConfig's to check)."""
+    spec = _read_yaml(path)
+    spec = {} if spec is None else spec  # an empty file, or only comments
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"{path}: the top level must be a mapping with keys {' and/or '.join(_SECTIONS)}, "
+            f"not a {type(spec).__name__}"
+        )
+    for key in spec:
+        if key not in _SECTIONS:
+            raise ValueError(
+                f"{path}: unknown top-level key {key!r}; allowed: {', '.join(_SECTIONS)}"
+            )
+    overrides = spec.get("overrides", {})
+    if not isinstance(overrides, dict):
+        raise ValueError(
+            f"{path}: overrides must be a mapping of parameter: value (e.g. seq_len: 2048), "
+            f"not {overrides!r}"
+        )
+    _check_keys(path, "overrides", overrides)
+    if "axes" not in spec:
+        if not overrides:
+            raise ValueError(
+                f"{path}: empty grid; write axes: and/or overrides: (e.g. axes: {_EG})"
+            )
+        return [{}], overrides  # one cell: the defaults with the overrides
+    blocks = spec["axes"] if isinstance(spec["axes"], list) else [spec["axes"]]
+    if not blocks or not all(isinstance(b, dict) and b for b in blocks):
+        raise ValueError(
+            f"{path}: axes must be a non-empty mapping of parameter: [values] (e.g. {_EG}) "
+            f"or a list of such mappings, not {spec['axes']!r}"
+        )
+    for axes in blocks:
+        _check_keys(path, "axes", axes)
+        for key, values in axes.items():
+            if not (isinstance(values, list) and values):
+                hint = "" if isinstance(values, list) else f" (one value: {key}: [{values}])"
+                raise ValueError(
+                    f"{path}: axes: {key} must be a non-empty list of values, one cell each, "
+                    f"not {values!r}{hint}"
+                )
+    return blocks, overrides
+
+
+def _check_keys(path: Path, section: str, mapping: dict) -> None:
+    for key in mapping:
+        if key not in _KEYS:
+            raise ValueError(
+                f"{path}: unknown parameter {key!r} under {section}; allowed: {', '.join(_KEYS)}"
+            )
+
+
+def _read_yaml(path: Path) -> object:
+    """The YAML document in `path`; a syntax error or a non-UTF-8 byte names file and line."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(
+            f"{where}: YAML syntax error: {problem}" + (f" ({context})" if context else "")
+        ) from None
 
 
 def run_grid(folder: str | Path, force: bool = False, meter: str | None = None) -> dict:

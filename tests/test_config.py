@@ -1,0 +1,70 @@
+import re
+
+import pytest
+
+from lowmem.config import StackConfig, parse_spec
+from lowmem.train import TrainConfig, make_config
+
+
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("quant_symmetric", "false", "true or false"),
+        ("offload_async", 0, "true or false"),
+        ("stream_weights", "True", "true or false"),
+        ("seq_len", "1024", "an integer"),
+        ("seq_len", 1024.0, "an integer"),
+        ("lora_r", True, "an integer"),
+        ("trainable_fraction", "0.3", "a number"),
+        ("lora_dropout", False, "a number"),
+        ("offload_dir", 3, "a string"),
+        ("lora_targets", 5, "a list of strings"),
+        ("lora_targets", ("q_proj", 1), "a list of strings"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_with_one_line(field, value, allowed):
+    with pytest.raises(
+        ValueError, match=re.escape(f"bad {field}={value!r}: must be {allowed}")
+    ) as err:
+        StackConfig(**{field: value})
+    assert "\n" not in str(err.value)
+
+
+def test_an_int_for_a_float_field_is_that_float():
+    assert StackConfig(trainable_fraction=1).trainable_fraction == 1.0
+    assert isinstance(TrainConfig(lr=1).lr, float)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("best:quant_symmetric=false", False),
+        ("best:quant_symmetric=False", False),
+        ("best:quant_symmetric=0", False),
+        ("best:quant_symmetric=yes", True),
+    ],
+)
+def test_spec_strings_parse_booleans_both_ways(spec, expected):
+    assert parse_spec(spec).quant_symmetric is expected
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("best:quant_symmetric=maybe", "bad quant_symmetric='maybe': must be true or false"),
+        ("best:seq_len=1.5", "bad seq_len='1.5': must be an integer"),
+        ("best:trainable_fraction=lots", "bad trainable_fraction='lots': must be a number"),
+    ],
+)
+def test_spec_strings_that_do_not_parse_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_spec(spec)
+
+
+def test_train_config_fields_are_type_checked_too():
+    with pytest.raises(ValueError, match="bad steps='3': must be an integer"):
+        TrainConfig(steps="3")
+    with pytest.raises(ValueError, match="bad lr='abc': must be a number"):
+        make_config("lora", ["lr=abc"])
+    with pytest.raises(ValueError, match="bad stack=3: must be a StackConfig or a spec"):
+        TrainConfig(stack=3)
