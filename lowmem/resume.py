@@ -18,7 +18,9 @@ disk, then renamed into place; the previous one is first renamed to `checkpoint.
 removed only after the new one is in place. At every instant a complete checkpoint exists under
 one of the two names, and `load_checkpoint` takes `checkpoint/` if present, else
 `checkpoint.old/`. Resuming also cuts `log.jsonl` back to the checkpoint's step, so the steps
-after it are logged once, by the run that redoes them.
+after it are logged once, by the run that redoes them; a last line torn by the kill is such a
+step's and goes too, while any other unreadable line is refused (naming file and line).
+Everything here is created with the modes the user's umask gives (`lowmem.files`).
 
 Size: LoRA tensors + two AdamW moments = 12 B per trainable parameter: Llama-3.2 3B, r = 16 on
 q_proj and v_proj: 4.59e6 x 12 B = 52.5 MiB per checkpoint.
@@ -31,13 +33,13 @@ import os
 import random
 import shutil
 import statistics
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lowmem.files import file_mode, temp_folder, write_atomic
 from lowmem.memory import GiB
 
 STATE_FILE = "state.pt"
@@ -91,12 +93,15 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, ob
 
 
 def replace_dir(path: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary folder beside `path` with `write(tmp)`, then swap it in atomically."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    """Fill a temporary folder beside `path` with `write(tmp)`, then swap it in atomically.
+    The folder and its files get the modes of `lowmem.files` (the umask decides)."""
+    tmp = temp_folder(path)
     old = path.with_name(path.name + ".old")
     try:
         write(tmp)
+        mode = file_mode()
         for file in tmp.iterdir():
+            os.chmod(file, mode)  # safetensors >= 0.8 writes 0600 whatever the umask
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
         if path.exists():
@@ -111,15 +116,7 @@ def replace_dir(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_json(path: Path, obj: object) -> None:
     """Write JSON atomically: a temporary file beside `path`, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_checkpoint(out: Path, model, optimizer, scheduler, step: int, position: int) -> None:
@@ -184,11 +181,27 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_adapter(model, out: Path) -> Path:
-    """The LoRA adapter in PEFT format, as `out/adapter/`, replaced atomically."""
-    # LoRA never trains the embedding: no need for peft to look for a changed vocabulary
-    replace_dir(
-        out / "adapter", lambda f: model.save_pretrained(str(f), save_embedding_layers=False)
-    )
+    """The LoRA adapter in PEFT format, as `out/adapter/`, replaced atomically.
+
+    Its `base_model_name_or_path` names a base that stock tools load, so that
+    `peft.AutoPeftModelForCausalLM.from_pretrained(out / "adapter")` works
+    (`lowmem.export.loadable_base`): the absolute path of the user's `model_path` directory;
+    for a registered model whose weights are a GGUF asset (`smollm2-135m`), its FP32 base
+    exported once into the lowmem cache (the first time: one more load of the GGUF, ~15 s, and
+    513 MiB of disk); for random weights, which no tool can load, what peft wrote."""
+    from lowmem.export import loadable_base  # here: the rest of resume needs no model code
+
+    base = loadable_base(model)
+
+    def write(folder: Path) -> None:
+        # LoRA never trains the embedding: no need for peft to look for a changed vocabulary
+        model.save_pretrained(str(folder), save_embedding_layers=False)
+        if base is not None:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            config["base_model_name_or_path"] = base
+            (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    replace_dir(out / "adapter", write)
     return out / "adapter"
 
 
@@ -198,21 +211,48 @@ def append_log(out: Path, entry: dict) -> None:
 
 
 def read_log(out: str | Path) -> list[dict]:
+    """The entries of `out/log.jsonl`. A last line that lacks its newline and is cut-off JSON
+    is the append a killed run left torn, and is left out; any other line that is not a JSON
+    object with an integer "step" is refused with one line naming the file and the line."""
     path = Path(out) / "log.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    *lines, last = path.read_bytes().split(b"\n")  # last: b"" when the file ends with "\n"
+    entries = [_log_entry(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if last.strip() and (entry := _log_entry(path, len(lines) + 1, last, torn=True)):
+        entries.append(entry)
+    return entries
+
+
+def _log_entry(path: Path, n: int, line: bytes, torn: bool = False) -> dict | None:
+    """Line `n` of the log as an entry; None for a `torn` line that does not decode."""
+    try:
+        entry = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        why = f"not UTF-8: {err.reason}"
+    except json.JSONDecodeError as err:
+        why = f"bad JSON: {err.msg} at column {err.colno}"
+    else:
+        if isinstance(entry, dict) and type(entry.get("step")) is int:
+            return entry
+        why, torn = 'not an object with an integer "step"', False
+    if torn:
+        return None
+    raise ValueError(
+        f"{path} line {n}: not a log entry ({why}); lowmem writes this file: restore it, "
+        "delete that line, or start the run again in a new out_dir"
+    )
 
 
 def _truncate_log(out: Path, step: int) -> None:
-    """Drop log lines past `step` (-1: all): the resumed run redoes (and logs) those steps."""
-    entries = read_log(out)
-    kept = [e for e in entries if e["step"] <= step]
-    if kept != entries or not (out / "log.jsonl").is_file():
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".log.jsonl.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(e) + "\n" for e in kept)
-        os.replace(tmp, out / "log.jsonl")
+    """Drop log lines past `step` (-1: all): the resumed run redoes (and logs) those steps.
+    A run killed while appending a line tore a line of a step after its last checkpoint (a step
+    and its evaluation are logged before the step is checkpointed): read_log leaves it out and
+    this rewrite removes it."""
+    path = out / "log.jsonl"
+    text = "".join(json.dumps(e) + "\n" for e in read_log(out) if e["step"] <= step)
+    if not path.is_file() or path.read_bytes() != text.encode():
+        write_atomic(path, text)
 
 
 def summarize(entries: list[dict], meter: str) -> dict:

@@ -21,9 +21,21 @@ def test_smoke_quality_table_on_shakespeare(results_tmp):
     assert got["shakespeare__sm_topk_100"]["grad_cosine"] < 0.9999
     # INT4 RTN costs quality before training (the LOG quotes the perplexity margin)
     assert int4["eval_loss_before"] > got["shakespeare__lora"]["eval_loss_before"]
+    # deployed on the FP32 base (the saved adapter, stock peft): the lora row's model is that
+    # already, so its two losses agree; a quantized row's adapter meets a base it never saw
+    lora = got["shakespeare__lora"]
+    assert lora["eval_loss_fp32_base"] == pytest.approx(lora["eval_loss"], rel=0, abs=1e-6)
+    assert abs(int4["eval_loss_fp32_base"] - int4["eval_loss"]) > 1e-3
+    assert ckpt["eval_loss_fp32_base"] == int4["eval_loss_fp32_base"]  # the same adapter
     table = (results_tmp / "tables" / "quality.md").read_text()
     assert all(f"| shakespeare | {r} |" in table for r in rows)
     assert "| +0.0000 |" in table  # lora against itself
+    assert "| eval loss before -> after |" in table and "| on FP32 base (vs lora) |" in table
+    for r in ("lora", "int4"):  # both numbers of a row, in its line
+        m = got[f"shakespeare__{r}"]
+        line = next(x for x in table.splitlines() if x.startswith(f"| shakespeare | {r} |"))
+        assert f"-> {m['eval_loss']:.4f} |" in line
+        assert f"| {m['eval_loss_fp32_base']:.4f} (" in line
 
 
 def test_unknown_rows_are_refused():
