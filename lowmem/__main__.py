@@ -1,16 +1,18 @@
-"""Command line: `python -m lowmem {measure,speed,grid,table1,table,figures,train,quality,assets}
---help`."""
+"""Command line: `python -m lowmem {measure,speed,grid,table1,table,figures,train,quality,assets,
+export-base,clean} --help`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lowmem import assets, paper, results
 from lowmem.config import LINEAR_TARGETS, ROWS, parse_spec
 from lowmem.memory import METERS
-from lowmem.models import REGISTRY, ModelError
+from lowmem.models import REGISTRY
+from lowmem.offload import OffloadError, check_offload_root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,12 +220,44 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--out", required=True, help="run folder")
     n.add_argument("--resume", action="store_true", help="continue the run in --out")
 
+    x = sub.add_parser(
+        "export-base",
+        help="write a model's FP32 base as a plain Hugging Face directory",
+        description="Write the FP32 base weights lowmem trains on (for smollm2-135m: its GGUF "
+        "dequantized) as OUT_DIR/config.json + model.safetensors + tokenizer files, for stock "
+        "tools (AutoModelForCausalLM, AutoPeftModelForCausalLM) to load. OUT_DIR must be new "
+        "or empty; it is written atomically.",
+    )
+    x.add_argument("model", choices=list(REGISTRY), help="registered model")
+    x.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
+    x.add_argument("--model-path", help="local Hugging Face directory with real weights")
+
+    c = sub.add_parser(
+        "clean",
+        help="remove the offload folders of runs that were killed",
+        description="Remove the run folders under the offload root whose process is gone "
+        "(only this user's), and print what was removed. Every checkpointed run does this on "
+        "start; this does it now.",
+    )
+    c.add_argument("--offload-dir", default="", help="root folder for disk offload (default: temp)")
+
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, ModelError, assets.AssetError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, OffloadError, assets.AssetError) as err:
+        # bad input, a missing or unreadable file, a full disk: one line, not a traceback
+        # (LOWMEM_DEBUG=1 shows the traceback)
+        if os.environ.get("LOWMEM_DEBUG"):
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.strerror or text}: {err.filename}"
+    return " ".join(text.split()) or type(err).__name__
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -245,11 +279,18 @@ def _measure(args: argparse.Namespace) -> int:
         cache_policy=args.cache_policy,
     )
     cfg = parse_spec(f"{args.stack}:{','.join(args.set)}", **options)
+    if args.experiment:
+        results.check_slug("experiment", args.experiment)  # before the run, not after it
+    if cfg.enabled("checkpoint") and cfg.offload == "disk" and args.meter != "simulated":
+        check_offload_root(cfg.offload_dir)
     record = run_cell(args.model, cfg, args.meter, model_path=args.model_path)
     if args.experiment:
         print(f"wrote {results.write_record(args.experiment, record)}", file=sys.stderr)
     print(json.dumps(record, indent=2))
-    return 0 if record["status"] != "failed" else 1
+    if record["status"] == "failed":  # the traceback is in the record; its last line here
+        print(f"error: {record['error'].strip().splitlines()[-1]}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _table1(args: argparse.Namespace) -> int:
@@ -265,8 +306,9 @@ def _table1(args: argparse.Namespace) -> int:
 def _speed(args: argparse.Namespace) -> int:
     from lowmem.speed import time_stacks
 
+    results.check_slug("experiment", args.experiment)
     cfgs = [parse_spec(s, seq_len=args.seq_len) for s in args.stacks]
-    slug = "-".join(s.replace(":", "+").replace(",", "+") for s in args.stacks)
+    slug = "-".join("+".join([c.stack, *results.config_parts(c)]) for c in cfgs)
     record = {
         "run_id": f"{args.model}__speed__{slug}__T{args.seq_len}__cpu",
         "status": "ok",
@@ -336,7 +378,7 @@ def _assets(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lowmem.models import get_spec, load_tokenizer
+    from lowmem.models import check_architecture, check_model_dir, get_spec, load_config
     from lowmem.resume import check_run
     from lowmem.train import make_config, run_identity, train, training_model
 
@@ -356,20 +398,58 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
+    # everything that can be checked without the weights, before the run folder exists
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"bad --limit {args.limit}: must be an integer >= 1 (or left out)")
+    if args.model_path is not None:
+        from transformers import AutoConfig
+
+        path = check_model_dir(args.model_path)
+        try:
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {path / 'config.json'}: {err}") from err
+        check_architecture(config, f"model_path {str(path)!r}")
+    else:
+        config = load_config(args.model)
+    cfg.stack.check_model(config.vocab_size)
+    if cfg.stack.enabled("checkpoint") and cfg.stack.offload == "disk":
+        check_offload_root(cfg.stack.offload_dir)
     has_weights = args.model_path or get_spec(args.model).gguf_asset
     init = args.init or ("pretrained" if has_weights else "random")
     tags = {"model": args.model, "task": args.task, "limit": args.limit, "init": init}
+    if args.model_path is not None:
+        tags["model_path"] = str(Path(args.model_path).resolve())
     check_run(Path(args.out), run_identity(cfg, tags), args.resume)  # before the slow loads
     from lowmem.data import load_task  # imported here: the CLI works without the data module
+    from lowmem.models import load_tokenizer
 
-    task = load_task(
-        args.task, load_tokenizer(args.model), args.seq_len, limit=args.limit, seed=args.seed
-    )
+    tokenizer = load_tokenizer(args.model, args.model_path)
+    task = load_task(args.task, tokenizer, args.seq_len, limit=args.limit, seed=args.seed)
     train_ds, eval_ds = (task.train, task.test) if hasattr(task, "train") else task
     device = "cuda" if args.meter == "cuda" else "cpu"
     with training_model(args.model, cfg.stack, init, device, args.model_path) as model:
         summary = train(model, cfg, train_ds, eval_ds, args.out, args.resume, args.meter, tags)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _export_base(args: argparse.Namespace) -> int:
+    from lowmem.export import export_base
+
+    print(export_base(args.model, args.out_dir, args.model_path))
+    return 0
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from lowmem.offload import check_offload_root, remove_stale_dirs
+
+    root = check_offload_root(args.offload_dir)
+    removed = remove_stale_dirs(root)
+    for path, size in removed.items():
+        print(f"removed {path} ({size} bytes)")
+    total = sum(removed.values())
+    print(f"removed {len(removed)} folder(s), {total} bytes ({total / 1e6:.1f} MB), under {root}")
     return 0
 
 
@@ -383,6 +463,8 @@ _COMMANDS = {
     "figures": _figures,
     "assets": _assets,
     "train": _train,
+    "export-base": _export_base,
+    "clean": _clean,
 }
 
 if __name__ == "__main__":

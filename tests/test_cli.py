@@ -111,3 +111,52 @@ def test_set_reaches_any_config_field(capsys):
     assert record["config"]["softmax_k"] == 50
     assert record["config"]["softmax_rule"] == "target_neighbors"
     assert main(["measure", "--model", "tiny-llama", "--set", "colour=red"]) == 2
+
+
+def _measure(*extra: str) -> list[str]:
+    return ["measure", "--model", "tiny-llama", "--seq-len", "16", "--meter", "cpu", *extra]
+
+
+def test_records_of_different_weights_never_share_a_name(tmp_path, capsys, results_tmp):
+    import torch
+
+    from lowmem.models import build_model
+
+    for seed, folder in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        build_model("tiny-llama").save_pretrained(tmp_path / folder)
+    ids = []
+    for extra in ([], ["--model-path", str(tmp_path / "a")], ["--model-path", str(tmp_path / "b")]):
+        assert main(_measure("--experiment", "x", *extra)) == 0
+        record = json.loads(capsys.readouterr().out)
+        ids.append(record["run_id"])
+        if extra:
+            assert record["weights"]["path"] == str((tmp_path / extra[1][-1]).resolve())
+            assert record["run_id"].endswith("__w" + record["weights"]["sha256"][:16])
+        else:
+            assert record["weights"]["path"] is None
+    assert len(set(ids)) == 3
+    assert len(list((results_tmp / "raw" / "x").glob("*.json"))) == 3
+
+
+def test_a_failed_measurement_says_why_on_stderr_in_one_line(capsys, results_tmp, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the step broke")
+
+    monkeypatch.setattr("lowmem.bench.measure_step", broken)
+    assert main(_measure()) == 1
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["status"] == "failed"
+    assert printed.err.strip().splitlines()[-1] == "error: RuntimeError: the step broke"
+
+
+def test_a_path_in_offload_dir_or_experiment_writes_nothing_outside_results(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("LOWMEM_RESULTS", str(tmp_path / "results"))
+    escape = "../" * 12 + str(tmp_path / "escaped").lstrip("/")
+    args = _measure("--stack", "checkpoint", "--offload-dir", escape, "--experiment", "y")
+    main(args)  # refused or measured: either way, only results/ may change
+    assert main(_measure("--experiment", escape)) == 2
+    assert "bad experiment" in capsys.readouterr().err
+    assert [p for p in tmp_path.rglob("*") if "results" not in p.parts] == []

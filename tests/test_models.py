@@ -156,3 +156,53 @@ def test_qwen_tokenizer_is_converted_from_the_tiktoken_ranks_and_cached(tmp_path
     cached = load_tokenizer("qwen-2.5-3b")  # the registry path, from the asset cache
     assert cached(text)["input_ids"] == tok(text)["input_ids"]
     assert len(cached) == 151_665
+
+
+def _tiny_config(kind: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        kind,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+
+
+@pytest.mark.parametrize("kind", ["gemma", "gemma3_text", "mistral"])
+def test_families_lowmem_does_not_rewrite_are_refused_at_load(tmp_path, kind):
+    """Gemma scales its embedding by sqrt(D) inside the embedding module; the quantized rows
+    replace that module, so a Gemma model would train on 0.125x embeddings, silently."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(_tiny_config(kind)).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=f"is a '{kind}' model; lowmem supports .*llama, qwen2"):
+        load_from_directory(tmp_path)
+    from lowmem.config import StackConfig
+    from lowmem.stack import apply_stack
+
+    with pytest.raises(ModelError, match=f"the model is a '{kind}' model"):  # the library path
+        apply_stack(AutoModelForCausalLM.from_config(_tiny_config(kind)), StackConfig("best"))
+
+
+def test_a_weights_file_of_random_bytes_is_one_clear_error(tmp_path):
+    build_model("tiny-llama").save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(ModelError, match="cannot load a model from .*") as err:
+        load_from_directory(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_weights_identity_tells_different_weights_apart(tmp_path):
+    from lowmem.models import weights_identity
+
+    for seed, folder in ((0, "a"), (0, "b"), (1, "c")):
+        torch.manual_seed(seed)
+        build_model("tiny-llama").save_pretrained(tmp_path / folder)
+    a, b, c = (weights_identity(tmp_path / f) for f in "abc")
+    assert a["sha256"] == b["sha256"] != c["sha256"]  # same weights anywhere; other weights
+    assert a["path"] == str((tmp_path / "a").resolve())

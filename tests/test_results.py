@@ -110,3 +110,27 @@ def test_committed_best_row_beats_the_papers_final_row_everywhere():
         if stack == "best":
             final = frame.loc[(model, "logits_mask", seq_len), "paper_gib"]
             assert row["status"] == "ok" and row["peak_gib"] < final, (model, seq_len)
+
+
+@pytest.mark.parametrize(
+    "experiment", ["../x", "a/b", "..", "/tmp/x", "", ".hidden", "a b", "a\\b", "x/../../y"]
+)
+def test_experiment_names_that_could_leave_results_are_refused(results_tmp, experiment):
+    with pytest.raises(ValueError, match="bad experiment .*no path separators"):
+        results.record_path(experiment, "r")
+    record = {"run_id": "r", "status": "ok"}
+    with pytest.raises(ValueError, match="bad experiment"):
+        results.write_record(experiment, record)
+    assert not results_tmp.exists()
+
+
+def test_offload_dir_never_reaches_a_record_name(results_tmp):
+    cfg = StackConfig(stack="checkpoint", offload_dir="../../../../../../tmp/x")
+    rid = results.run_id("tiny-llama", cfg, "simulated")
+    assert rid == results.run_id("tiny-llama", StackConfig(stack="checkpoint"), "simulated")
+    assert results.record_path("y", rid).parent == results_tmp / "raw" / "y"
+
+
+def test_a_table_name_that_could_leave_results_is_refused(results_tmp):
+    with pytest.raises(ValueError, match="bad experiment '../../x'"):
+        results.write_tables("../../x")

@@ -150,3 +150,46 @@ def test_best_profile_trains_like_the_quantized_row():
     ref = losses(StackConfig(stack="quantize", seq_len=64))
     best = losses(StackConfig(stack="best", offload="memory", **common))
     assert best == pytest.approx(ref, rel=1e-5)
+
+
+PADDED_ROWS = [
+    "lora",
+    "quantize",
+    "checkpoint:offload=memory",
+    "softmax_approx:softmax_k=512",  # K = V: the exact loss, so the per-sequence sums compare
+    "logits_mask:softmax_k=512",
+    "best:offload=memory",
+]
+
+
+@pytest.mark.parametrize("spec", PADDED_ROWS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_batch_gives_the_loss_of_its_unpadded_sequences(spec, side):
+    """attention_mask and position_ids reach the decoder in every row: a batch of two sequences
+    of different lengths, padded on either side, has the token-weighted mean of the two
+    sequences' own losses."""
+    from lowmem.config import parse_spec
+    from lowmem.loss import compute_loss
+
+    cfg = parse_spec(spec, seq_len=12)
+    torch.manual_seed(0)
+    model = apply_stack(build_model("tiny-llama"), cfg)
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, 512, (n,), generator=gen) for n in (12, 7)]
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    labels = torch.full((2, 12), -100)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(12 - len(seq), 12) if side == "left" else slice(0, len(seq))
+        ids[row, span], labels[row, span], mask[row, span] = seq, seq, 1
+        labels[row, span.start] = -100  # a first token is no target (a left pad would predict it)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    with stack_context(cfg):
+        padded = compute_loss(model, batch, cfg)[0]
+        alone = [
+            compute_loss(model, {"input_ids": s[None], "labels": s[None]}, cfg)[0] for s in seqs
+        ]
+    n = [len(s) - 1 for s in seqs]  # targets per sequence after the shift
+    expected = (alone[0] * n[0] + alone[1] * n[1]) / sum(n)
+    torch.testing.assert_close(padded, expected, rtol=1e-5, atol=1e-6)

