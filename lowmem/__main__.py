@@ -308,6 +308,9 @@ def _speed(args: argparse.Namespace) -> int:
 
     results.check_slug("experiment", args.experiment)
     cfgs = [parse_spec(s, seq_len=args.seq_len) for s in args.stacks]
+    for cfg in cfgs:
+        if cfg.enabled("checkpoint") and cfg.offload == "disk":
+            check_offload_root(cfg.offload_dir)
     slug = "-".join("+".join([c.stack, *results.config_parts(c)]) for c in cfgs)
     record = {
         "run_id": f"{args.model}__speed__{slug}__T{args.seq_len}__cpu",

@@ -160,3 +160,21 @@ def test_a_path_in_offload_dir_or_experiment_writes_nothing_outside_results(
     assert main(_measure("--experiment", escape)) == 2
     assert "bad experiment" in capsys.readouterr().err
     assert [p for p in tmp_path.rglob("*") if "results" not in p.parts] == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["measure", "--model", "tiny-llama", "--seq-len", "16", "--experiment", "../../esc"],
+        ["speed", "--model", "tiny-llama", "--stacks", "lora", "--experiment", "/tmp/esc"],
+        ["speed", "--model", "tiny-llama", "--stacks", "checkpoint:offload_dir=../../esc"],
+        ["table", "../esc"],
+    ],
+)
+def test_no_command_takes_a_path_into_a_record_or_table_name(argv, capsys, results_tmp):
+    """Every configuration string that reaches a file name: experiment names are refused before
+    any work; offload_dir never reaches a name (it is only checked as a folder)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not results_tmp.exists()
