@@ -166,6 +166,16 @@ class StackConfig:
             "none or attention when the MLP is tiled",
         )
         _check(self.gqa in GQA_MODES, "gqa", self.gqa, f"one of {', '.join(GQA_MODES)}")
+        # bitsandbytes layers are neither streamed from the weight store nor cached: refuse the
+        # combination rather than run a row that silently keeps them resident / recomputes them
+        bnb_kept = self.enabled("checkpoint") and self.quant_backend != "lowmem"
+        _check(
+            not (bnb_kept and (self.stream_weights or self.cache_policy != "none")),
+            "quant_backend",
+            self.quant_backend,
+            "'lowmem' when checkpointing streams weights or caches linears (bitsandbytes "
+            "layers do neither); or pass stream_weights=false and cache_policy=none",
+        )
         targets = self.lora_targets
         ok = targets == ("all-linear",) or (targets and set(targets) <= set(LINEAR_TARGETS))
         _check(

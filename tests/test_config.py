@@ -68,3 +68,13 @@ def test_train_config_fields_are_type_checked_too():
         make_config("lora", ["lr=abc"])
     with pytest.raises(ValueError, match="bad stack=3: must be a StackConfig or a spec"):
         TrainConfig(stack=3)
+
+
+@pytest.mark.parametrize("extra", [{}, {"cache_policy": "attention", "stream_weights": False}])
+@pytest.mark.parametrize("stack", ["checkpoint", "best"])
+def test_bitsandbytes_layers_are_not_silently_left_out_of_streaming_or_caching(stack, extra):
+    """With bnb layers, checkpointing streamed 0 decoder modules and cached 0 linears, silently."""
+    with pytest.raises(ValueError, match="bad quant_backend='bnb-nf4': must be 'lowmem' when"):
+        StackConfig(stack, quant_backend="bnb-nf4", **extra)
+    StackConfig(stack, quant_backend="bnb-nf4", stream_weights=False)  # says what it does
+    StackConfig("quantize", quant_backend="bnb-nf4")  # no checkpointing: nothing to stream
