@@ -50,6 +50,9 @@ def check_cell(params: dict) -> StackConfig:
     if not isinstance(meter, str) or meter not in METERS:
         raise ValueError(f"unknown meter {meter!r}; choose one of {', '.join(METERS)}")
     results.check_slug("experiment", experiment)
+    force = params.get("force", False)
+    if not isinstance(force, bool):  # papermill's -p force false arrives as the string 'false'
+        raise ValueError(f"bad force={force!r}: must be true or false (a boolean, not a string)")
     return config_from_parameters(params)
 
 

@@ -202,3 +202,12 @@ def test_a_crashing_cell_becomes_a_failed_record(tmp_path, results_tmp, monkeypa
     assert grid.run_grid(folder) == {"ran": 0, "skipped": 0, "failed": 1}
     (record,) = [json.loads(p.read_text()) for p in (results_tmp / "raw" / "mygrid").glob("*")]
     assert record["status"] == "failed" and "RuntimeError: kernel died" in record["error"]
+
+
+def test_run_cell_refuses_a_quoted_force():
+    from lowmem.grid import check_cell
+
+    cell = {"model": "tiny-llama", "meter": "simulated", "experiment": "x", "force": "false"}
+    with pytest.raises(ValueError, match="bad force='false': must be true or false"):
+        check_cell(cell)
+    check_cell({**cell, "force": False})
