@@ -8,6 +8,7 @@ pytestmark = pytest.mark.skipif(
 SMOKE = quality.Protocol(seq_len=48, batch_size=2, steps=2, eval_batches=1, plays=2)
 
 
+@pytest.mark.slow  # ~95 s on 2 cores (three GGUF loads); kept out of the 10-minute default tier
 def test_smoke_quality_table_on_shakespeare(results_tmp):
     rows = ("lora", "int4", "checkpoint", "sm_topk_100")
     quality.run(tasks=("shakespeare",), rows=rows, protocol=SMOKE)
