@@ -20,7 +20,7 @@ from lowmem import paper, results
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import StackConfig
 from lowmem.loss import compute_loss
-from lowmem.memory import METERS, measure_step, meter_context
+from lowmem.memory import METERS, ProcessRss, measure_step, meter_context
 from lowmem.models import (
     build_model,
     count_parameters,
@@ -51,6 +51,8 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
             if meter == "cuda":
                 device = torch.cuda.get_device_name(dev)
             torch.manual_seed(cfg.seed)
+            process = ProcessRss()
+            process.start()
             init = "fake" if meter == "simulated" else "random"
             model = build_model(model_name, init, dev, model_path)
             n_params = count_parameters(model)[0]
@@ -64,9 +66,12 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
             batch = benchmark_batch(cfg, model.config.vocab_size, dev)
             # from the checkpointing row on, the step keeps only the loss (Table 1 implies it)
             loss_fn = functools.partial(compute_loss, cfg=cfg)
+            process.setup_done()
             metrics = measure_step(
                 model, batch, meter, keep_outputs=not cfg.enabled("checkpoint"), loss_fn=loss_fn
             )
+            if meter == "cpu":  # the whole process beside the step: setup is not hidden
+                metrics["process"] = process.figures(metrics["peak_rss_bytes"])
             if ckpt is not None:
                 metrics["offload"] = ckpt.stats()
             stored = stored_weight_bytes(model) + streamed

@@ -239,6 +239,30 @@ def _model_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, obje
     return out.loss, out
 
 
+class ProcessRss:
+    """The whole process's resident memory around a measured step, no phase hidden by a reset.
+
+    `start()`: the baseline (interpreter and libraries, before the model exists) and the peak
+    so far; `setup_done()`: the peak of building / loading / applying the stack. The step's own
+    peak follows (`measure_step` resets the high-water mark first); `figures(step_peak)` puts
+    the three beside the run's peak (the largest of them)."""
+
+    def start(self) -> None:
+        self.before_peak = _peak_rss()
+        self.baseline = _reset_peak_rss()
+
+    def setup_done(self) -> None:
+        self.setup_peak = _peak_rss()
+
+    def figures(self, step_peak: int) -> dict:
+        return {
+            "baseline_rss_bytes": self.baseline,
+            "setup_peak_rss_bytes": self.setup_peak,
+            "step_peak_rss_bytes": step_peak,
+            "run_peak_rss_bytes": max(self.before_peak, self.setup_peak, step_peak),
+        }
+
+
 def _reset_peak_rss() -> int:
     """Reset the kernel's RSS high-water mark (Linux >= 4.0) and return the current RSS."""
     with contextlib.suppress(OSError):

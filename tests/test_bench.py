@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from lowmem import bench, paper, results
 from lowmem.config import StackConfig
@@ -47,3 +48,24 @@ def test_table1_grid_reproduces_every_paper_cell_from_scratch(results_tmp):
     assert len(frame) == 2 * len(REPRODUCED) * len(paper.CONTEXTS)
     misses = frame[~frame["reproduced"].astype(bool)]
     assert misses.empty, misses[["model", "stack", "seq_len", "peak_gib", "paper_gib"]]
+
+
+def test_cpu_records_carry_the_setup_phase_the_step_reset_would_hide(monkeypatch):
+    """A 400 MB transient while the model is built shows in the record's setup peak, not in
+    the step's: the step's reset of the high-water mark no longer hides it."""
+    import lowmem.bench
+
+    real_build = lowmem.bench.build_model
+
+    def build_with_a_transient(*args, **kwargs):
+        transient = torch.ones(100 * 2**20)  # 400 MiB, touched, then freed
+        del transient
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(lowmem.bench, "build_model", build_with_a_transient)
+    record = bench.run_cell("tiny-llama", StackConfig(stack="lora", seq_len=16), "cpu")
+    process = record["metrics"]["process"]
+    assert process["setup_peak_rss_bytes"] - process["baseline_rss_bytes"] >= 400 * 2**20
+    assert process["step_peak_rss_bytes"] < process["setup_peak_rss_bytes"] - 300 * 2**20
+    assert process["run_peak_rss_bytes"] >= process["setup_peak_rss_bytes"]
+    assert process["step_peak_rss_bytes"] == record["metrics"]["peak_rss_bytes"]
