@@ -65,7 +65,8 @@ def test_cpu_records_carry_the_setup_phase_the_step_reset_would_hide(monkeypatch
     monkeypatch.setattr(lowmem.bench, "build_model", build_with_a_transient)
     record = bench.run_cell("tiny-llama", StackConfig(stack="lora", seq_len=16), "cpu")
     process = record["metrics"]["process"]
-    assert process["setup_peak_rss_bytes"] - process["baseline_rss_bytes"] >= 400 * 2**20
-    assert process["step_peak_rss_bytes"] < process["setup_peak_rss_bytes"] - 300 * 2**20
+    # margins: pages freed by earlier work in the same process may leave RSS meanwhile
+    assert process["setup_peak_rss_bytes"] - process["baseline_rss_bytes"] >= 350 * 2**20
+    assert process["step_peak_rss_bytes"] < process["setup_peak_rss_bytes"] - 250 * 2**20
     assert process["run_peak_rss_bytes"] >= process["setup_peak_rss_bytes"]
     assert process["step_peak_rss_bytes"] == record["metrics"]["peak_rss_bytes"]
