@@ -281,8 +281,8 @@ def _measure(args: argparse.Namespace) -> int:
     cfg = parse_spec(f"{args.stack}:{','.join(args.set)}", **options)
     if args.experiment:
         results.check_slug("experiment", args.experiment)  # before the run, not after it
-    if cfg.enabled("checkpoint") and cfg.offload == "disk" and args.meter != "simulated":
-        check_offload_root(cfg.offload_dir)
+    if args.meter != "simulated":  # the simulated store writes nothing
+        _check_offload(cfg)
     record = run_cell(args.model, cfg, args.meter, model_path=args.model_path)
     if args.experiment:
         print(f"wrote {results.write_record(args.experiment, record)}", file=sys.stderr)
@@ -309,8 +309,7 @@ def _speed(args: argparse.Namespace) -> int:
     results.check_slug("experiment", args.experiment)
     cfgs = [parse_spec(s, seq_len=args.seq_len) for s in args.stacks]
     for cfg in cfgs:
-        if cfg.enabled("checkpoint") and cfg.offload == "disk":
-            check_offload_root(cfg.offload_dir)
+        _check_offload(cfg)
     slug = "-".join("+".join([c.stack, *results.config_parts(c)]) for c in cfgs)
     record = {
         "run_id": f"{args.model}__speed__{slug}__T{args.seq_len}__cpu",
@@ -381,7 +380,7 @@ def _assets(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lowmem.models import check_architecture, check_model_dir, get_spec, load_config
+    from lowmem.models import get_spec, load_config, read_config
     from lowmem.resume import check_run
     from lowmem.train import make_config, run_identity, train, training_model
 
@@ -404,20 +403,9 @@ def _train(args: argparse.Namespace) -> int:
     # everything that can be checked without the weights, before the run folder exists
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"bad --limit {args.limit}: must be an integer >= 1 (or left out)")
-    if args.model_path is not None:
-        from transformers import AutoConfig
-
-        path = check_model_dir(args.model_path)
-        try:
-            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read {path / 'config.json'}: {err}") from err
-        check_architecture(config, f"model_path {str(path)!r}")
-    else:
-        config = load_config(args.model)
+    config = load_config(args.model) if args.model_path is None else read_config(args.model_path)
     cfg.stack.check_model(config.vocab_size)
-    if cfg.stack.enabled("checkpoint") and cfg.stack.offload == "disk":
-        check_offload_root(cfg.stack.offload_dir)
+    _check_offload(cfg.stack)
     has_weights = args.model_path or get_spec(args.model).gguf_asset
     init = args.init or ("pretrained" if has_weights else "random")
     tags = {"model": args.model, "task": args.task, "limit": args.limit, "init": init}
@@ -435,6 +423,12 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(model, cfg, train_ds, eval_ds, args.out, args.resume, args.meter, tags)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _check_offload(cfg) -> None:
+    """Refuse a bad offload folder before any work, where the row writes to one."""
+    if cfg.enabled("checkpoint") and cfg.offload == "disk":
+        check_offload_root(cfg.offload_dir)
 
 
 def _export_base(args: argparse.Namespace) -> int:

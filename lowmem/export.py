@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lowmem import assets
-from lowmem.files import file_mode, temp_folder
+from lowmem.files import seal, temp_folder
 from lowmem.models import REGISTRY, ModelError, base_model, build_model, get_spec, load_tokenizer
 
 EXPORT_FORMAT = "fp32"  # part of the cache folder's name: a new format never reads an old one
@@ -56,10 +56,7 @@ def export_base(model: str, out_dir: str | Path, model_path: str | Path | None =
         plain_copy(hf).save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(file, file_mode())  # safetensors writes 0600 whatever the umask
+        seal(tmp)
         _check_out_dir(out)  # another process may have written it meanwhile
         os.replace(tmp, out)  # POSIX: replaces an empty folder, fails on a non-empty one
     except BaseException:

@@ -13,6 +13,7 @@ left by a killed writer is removed by `lowmem.resume.open_run`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -20,13 +21,10 @@ from pathlib import Path
 
 def umask() -> int:
     """The process umask: read from /proc on Linux, else set and put back at once."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o077)  # for the instant before it is put back, stricter, not looser
     os.umask(mask)
     return mask
@@ -59,3 +57,13 @@ def temp_folder(path: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, folder_mode())
     return tmp
+
+
+def seal(folder: Path) -> None:
+    """Give each file a writer left in `folder` the policy's mode and flush it to disk, before
+    the folder is renamed into place (safetensors >= 0.8 writes 0600 whatever the umask)."""
+    mode = file_mode()
+    for file in folder.iterdir():
+        os.chmod(file, mode)
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())

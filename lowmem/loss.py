@@ -74,10 +74,13 @@ def check_token_ids(
     if labels is not None:
         checks.append(("labels", labels[labels != IGNORE_INDEX]))
     for name, ids in checks:
-        if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
-            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        if not ids.numel():
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if high >= vocab_size or low < 0:
+            bad = high if high >= vocab_size else low
             raise ValueError(
-                f"{where}: {name} holds token id {bad} (largest {int(ids.max())}), outside the "
+                f"{where}: {name} holds token id {bad} (largest {high}), outside the "
                 f"model's vocabulary of {vocab_size} (ids 0..{vocab_size - 1}"
                 + (", or -100 for untrained labels)" if name == "labels" else ")")
                 + "; tokenize with the model's own tokenizer"

@@ -152,8 +152,8 @@ def _load_pretrained(spec: ModelSpec, model_path: str | None) -> PreTrainedModel
 def load_from_directory(model_path: str | Path) -> PreTrainedModel:
     """Load real weights from a local Hugging Face directory, with one clear error if unusable."""
     path = check_model_dir(model_path)
+    read_config(path)
     try:
-        check_architecture(AutoConfig.from_pretrained(str(path), local_files_only=True), path)
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
         )
@@ -181,6 +181,18 @@ def check_architecture(config: PretrainedConfig, where: object = "the model") ->
             f"{', '.join(SUPPORTED_TYPES)} (other families would train with silently changed "
             "layers)"
         )
+
+
+def read_config(model_path: str | Path) -> PretrainedConfig:
+    """The config of a model directory, of a supported family; else one error naming it."""
+    path = check_model_dir(model_path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"cannot load a model from {str(path)!r}: {first}") from err
+    check_architecture(config, f"model_path {str(path)!r}")
+    return config
 
 
 def check_model_dir(model_path: str | Path) -> Path:

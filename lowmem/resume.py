@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowmem.files import file_mode, temp_folder, write_atomic
+from lowmem.files import seal, temp_folder, write_atomic
 from lowmem.memory import GiB
 
 STATE_FILE = "state.pt"
@@ -99,11 +99,7 @@ def replace_dir(path: Path, write: Callable[[Path], None]) -> None:
     old = path.with_name(path.name + ".old")
     try:
         write(tmp)
-        mode = file_mode()
-        for file in tmp.iterdir():
-            os.chmod(file, mode)  # safetensors >= 0.8 writes 0600 whatever the umask
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+        seal(tmp)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)

@@ -312,16 +312,15 @@ def _check_inputs(model, cfg: TrainConfig, train_ds, eval_ds, meter: str) -> Non
     _require(meter in TRAIN_METERS, "meter", meter, "cpu or cuda (training needs real tensors)")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: build it with apply_stack")
+    vocab_size = model.config.vocab_size
+    cfg.stack.check_model(vocab_size)
     for name, ds in (("train_ds", train_ds), ("eval_ds", eval_ds)):
         if ds is None:
             continue
         missing = [c for c in COLUMNS if c not in ds.column_names]
         if missing:
             raise ValueError(f"{name} lacks column(s) {', '.join(missing)}; it needs {COLUMNS}")
-    vocab_size = model.config.vocab_size
-    cfg.stack.check_model(vocab_size)
-    for name, ds in (("train_ds", train_ds), ("eval_ds", eval_ds)):
-        if ds is not None and len(ds):
+        if len(ds):
             got = ds.select_columns(list(COLUMNS)).with_format("torch")[:]
             ids, labels = (
                 got[c] if isinstance(got[c], torch.Tensor) else torch.cat(list(got[c]))
