@@ -24,4 +24,7 @@ for stack in lora checkpoint; do
     MALLOC_MMAP_THRESHOLD_=131072 $PY -m lowmem measure --model llama-3.2-3b --stack $stack --seq-len $T --meter $meter --experiment meter_check >/dev/null
   done
 done
+# the whole process beside the step: a 3B best step's setup (FP32 build + quantize) vs its step
+OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=131072 $PY -m lowmem measure --model llama-3.2-3b \
+    --stack best --seq-len 1024 --meter cpu --experiment process_check >/dev/null
 make --no-print-directory tables
