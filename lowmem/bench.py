@@ -28,7 +28,7 @@ from lowmem.models import (
     stored_weight_bytes,
     weights_identity,
 )
-from lowmem.stack import apply_stack, benchmark_batch, stack_context
+from lowmem.stack import apply_stack, benchmark_batch
 
 
 def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | None = None) -> dict:
@@ -47,7 +47,7 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
     metrics, error, status = {}, None, "ok"
     device = "cuda" if meter == "cuda" else "cpu"
     try:
-        with meter_context(meter) as dev, stack_context(cfg), contextlib.ExitStack() as cleanup:
+        with meter_context(meter) as dev, contextlib.ExitStack() as cleanup:
             if meter == "cuda":
                 device = torch.cuda.get_device_name(dev)
             torch.manual_seed(cfg.seed)

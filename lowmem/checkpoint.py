@@ -37,7 +37,7 @@ import weakref
 
 import torch
 
-from lowmem.models import base_model
+from lowmem.models import architecture_of, base_model
 from lowmem.offload import make_store, reclaim
 from lowmem.quant_linear import QuantLinear, input_grad
 from lowmem.rng import replayed_rng, saved_rng
@@ -87,16 +87,16 @@ class CheckpointedLayer:
     The layer stays where it is, so parameter names (and saved adapters) do not change.
     """
 
-    def __init__(self, layer: torch.nn.Module, index: int, state: Checkpointing) -> None:
+    def __init__(self, layer: torch.nn.Module, index: int, state: Checkpointing, mlp: str) -> None:
         self.layer, self.index = layer, index
         self.inner_forward = layer.forward
         self._state = weakref.ref(state)  # the model owns the state, not the other way round
         self.streamed: dict[str, torch.nn.Module] = {}
         if state.weights is not None:
             self._offload_weights(state.weights)
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and any(name.startswith("mlp.") for name in self.streamed):
-            mlp.register_forward_pre_hook(self._release_mlp_after_its_backward)
+        self.mlp_name = mlp  # its streamed weights are released after its backward
+        if any(name.startswith(f"{mlp}.") for name in self.streamed):
+            layer.get_submodule(mlp).register_forward_pre_hook(self._release_mlp_after_its_backward)
         layer.forward = self.forward
         layer.lowmem_checkpoint = self
 
@@ -134,7 +134,7 @@ class CheckpointedLayer:
         # the MLP input's gradient is complete once every MLP node has run backward
         x = args[0]
         if self._state().mode == "replay" and x.requires_grad:
-            x.register_hook(lambda grad: self.unload_weights("mlp."))
+            x.register_hook(lambda grad: self.unload_weights(f"{self.mlp_name}."))
 
 
 class _LayerCheckpoint(torch.autograd.Function):
@@ -262,13 +262,14 @@ def apply_checkpoint(
     """
     if cache_policy not in POLICIES:
         raise ValueError(f"bad cache_policy={cache_policy!r}: must be one of {tuple(POLICIES)}")
+    arch = architecture_of(model)
     base = base_model(model)
-    layers = base.model.layers
+    layers = arch.decoder_layers(base)
     state = Checkpointing(offload, meter, stream_weights, offload_dir, async_writes, prefetch)
     weakref.finalize(base, state.close)  # files go when the model goes, or at exit
     for i, layer in enumerate(layers):
         _wrap_cached_linears(layer, i, POLICIES[cache_policy], state)
-        state.layers.append(CheckpointedLayer(layer, i, state))
+        state.layers.append(CheckpointedLayer(layer, i, state, arch.mlp))
     if vocab_chunk and state.weights is not None:
         stream_vocab(model, state.weights, vocab_chunk)
     base.lowmem_checkpointing = state

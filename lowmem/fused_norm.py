@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.models import base_model
+from lowmem.models import architecture_of, base_model
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,11 +53,12 @@ class _RMSNorm(torch.autograd.Function):
 
 def apply_fused_norm(model: torch.nn.Module) -> int:
     """Swap the backward of every RMSNorm (decoder layers and the final norm); returns the count."""
+    norm_class = architecture_of(model).norm_class
     count = 0
     for module in base_model(model).modules():
         if getattr(module, "lowmem_tiled", False):
             continue  # runs inside the MLP's tiles (lowmem.tiled_mlp), T x D never whole
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+        if isinstance(module, norm_class):
             module.forward = lambda x, m=module: rms_norm(x, m.weight, m.variance_epsilon)
             count += 1
     return count

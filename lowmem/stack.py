@@ -11,20 +11,22 @@ applies a row to a model and builds its benchmark batch.
 - `quantize`: the frozen base (every decoder linear, the embedding and the tied LM head) is
   stored in INT4 and dequantized per matmul (`lowmem.quantize`): 11.97 -> 1.87 GiB on Llama.
 
+Every row also fixes the model's grouped-query attention path (`StackConfig.gqa_mode`,
+`lowmem.attention`): repeat_kv for baseline and lora, native from quantize on, as Table 1
+implies. It is the model's own setting (its attention implementation), not a process-wide one.
+
 The benchmark batch is the paper's setting: batch 1, T random tokens, and labels that mark the
 last 30% of positions trainable (the rest -100), which only matters once logits masking exists.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers.integrations import sdpa_attention
 
+from lowmem.attention import set_gqa
 from lowmem.checkpoint import apply_checkpoint
 from lowmem.config import StackConfig
 from lowmem.fused_norm import apply_fused_norm
@@ -38,10 +40,12 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
 
     With checkpointing, the model owns temporary offload files until
     `model.get_base_model().lowmem_checkpointing.close()` (or until it is garbage-collected).
-    `meter` matters only there: under "simulated" the disk store keeps shapes only.
+    `meter` matters only there: under "simulated" the disk store keeps shapes only. The model's
+    attention implementation becomes the row's GQA path (`lowmem.attention.IMPLEMENTATIONS`).
     """
     check_architecture(model.config)
     cfg.check_model(model.config.vocab_size)
+    set_gqa(model, cfg.gqa_mode)
     if not cfg.enabled("lora"):
         for p in model.parameters():
             p.requires_grad_(True)
@@ -79,23 +83,6 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
             cfg.loss_chunk if cfg.enabled("fused_loss") else 0,
         )
     return model
-
-
-@contextlib.contextmanager
-def stack_context(cfg: StackConfig) -> Iterator[None]:
-    """Runtime settings of a stack row; enter it around the training step."""
-    original = sdpa_attention.use_gqa_in_sdpa
-    if cfg.gqa_mode == "repeat_kv":
-        # per layer and token this materialises 2 x (query heads x head dim) floats, the K and V
-        # copies that SDPA saves for backward: 2 x 3072 x 4 B x 28 layers = 0.66 GiB per 1024
-        # tokens on Llama-3.2 3B
-        sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: False
-    else:
-        sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
-    try:
-        yield
-    finally:
-        sdpa_attention.use_gqa_in_sdpa = original
 
 
 def benchmark_batch(cfg: StackConfig, vocab_size: int, device: torch.device | str = "cpu") -> dict:

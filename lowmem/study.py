@@ -28,7 +28,7 @@ from lowmem.memory import measure_step, meter_context
 from lowmem.models import build_model, load_config
 from lowmem.quant_linear import QuantLinear
 from lowmem.reference import causal_lm_loss
-from lowmem.stack import apply_stack, benchmark_batch, stack_context
+from lowmem.stack import apply_stack, benchmark_batch
 
 
 def loss_and_grads(
@@ -43,13 +43,12 @@ def loss_and_grads(
             torch.nn.init.normal_(p, std=0.02)
     batch = benchmark_batch(cfg, model.config.vocab_size)
     try:
-        with stack_context(cfg):
-            if plain_loss:
-                logits = model(input_ids=batch["input_ids"]).logits
-                loss = causal_lm_loss(logits, batch["labels"])
-            else:
-                loss = compute_loss(model, batch, cfg)[0]
-            loss.backward()
+        if plain_loss:
+            logits = model(input_ids=batch["input_ids"]).logits
+            loss = causal_lm_loss(logits, batch["labels"])
+        else:
+            loss = compute_loss(model, batch, cfg)[0]
+        loss.backward()
     finally:
         if (ckpt := checkpointing_of(model)) is not None:
             ckpt.close()

@@ -13,11 +13,12 @@ one extra MLP forward per tile in backward. Exact up to the order of FP32 sums i
 and input gradients (tests: rtol 1e-5); trainable (LoRA) parameters inside the MLP get their
 gradients summed over tiles.
 
-In Llama / Qwen decoder layers (`SKIPPABLE_LAYERS`) the post-attention RMSNorm, also per
-token, goes into the tiles as well: the tiles save the norm's input h, which the norm saved
-anyway, and the normalised T x D copy that the MLP would save is never kept (96 MiB at 8192
-tokens on Llama, at the phase where `best` peaks). Two recomputes are skipped, because their
-output values are never read, only their gradients:
+In decoder layers whose MLP output only feeds the residual add (Llama, Qwen2, Mistral:
+`Architecture.mlp_feeds_residual_only` in `lowmem.architectures`) the post-attention
+RMSNorm, also per token, goes into the tiles as well: the tiles save the norm's input h, which
+the norm saved anyway, and the normalised T x D copy that the MLP would save is never kept
+(96 MiB at 8192 tokens on Llama, at the phase where `best` peaks). Two recomputes are
+skipped, because their output values are never read, only their gradients:
 
 - inside a checkpointed layer's recompute (`lowmem.checkpoint`) the tiled forward saves h and
   computes nothing under `values_unused()`: backward starts from the layer output's graph
@@ -37,11 +38,10 @@ from collections.abc import Iterator
 
 import torch
 
-from lowmem.models import base_model
+from lowmem.architectures import Architecture
+from lowmem.models import architecture_of, base_model
 from lowmem.rng import replayed_rng, saved_rng
 
-# decoder layers whose MLP output is read only by the residual add that ends the layer
-SKIPPABLE_LAYERS = ("LlamaDecoderLayer", "Qwen2DecoderLayer")
 _values_unused = False
 
 
@@ -50,24 +50,25 @@ def apply_tiled_mlp(model: torch.nn.Module, tile: int) -> int:
     tokens; returns the number wrapped."""
     if tile <= 0:
         raise ValueError(f"bad mlp_tile={tile}: must be > 0")
-    base = base_model(model)
-    for layer in base.model.layers:
-        _Tiles(layer, tile)
-    return len(base.model.layers)
+    arch = architecture_of(model)
+    layers = arch.decoder_layers(base_model(model))
+    for layer in layers:
+        _Tiles(layer, arch, tile)
+    return len(layers)
 
 
 class _Tiles:
     """One layer's tiled unit: [post-attention norm +] MLP, installed as the MLP's forward."""
 
-    def __init__(self, layer: torch.nn.Module, tile: int) -> None:
-        mlp, self.tile = layer.mlp, tile
+    def __init__(self, layer: torch.nn.Module, arch: Architecture, tile: int) -> None:
+        mlp, self.tile = layer.get_submodule(arch.mlp), tile
         self.mlp_forward = mlp.forward
-        self.skippable = type(layer).__name__ in SKIPPABLE_LAYERS
+        self.skippable = arch.mlp_feeds_residual_only
         self.norm = None
         if self.skippable:
             # the norm's own class forward (a fused norm is not needed at tile size); the
             # layer's call of the norm becomes the identity
-            norm = layer.post_attention_layernorm
+            norm = layer.get_submodule(arch.post_attention_norm)
             self.norm = type(norm).forward.__get__(norm)
             norm.forward = _identity
             norm.lowmem_tiled = True
@@ -99,8 +100,9 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def values_unused() -> Iterator[None]:
-    """Within the block, tiled MLPs of SKIPPABLE_LAYERS return uninitialised values (their
-    gradients stay exact): for a recompute whose output values nobody reads."""
+    """Within the block, tiled MLPs whose output only feeds the residual add return
+    uninitialised values (their gradients stay exact): for a recompute whose output values
+    nobody reads."""
     global _values_unused
     previous, _values_unused = _values_unused, True
     try:

@@ -58,7 +58,7 @@ from lowmem.resume import (
     summarize,
     write_json,
 )
-from lowmem.stack import apply_stack, stack_context
+from lowmem.stack import apply_stack
 from lowmem.step import COLUMNS, BatchOrder, StepMeter, accumulate, evaluate
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -243,7 +243,7 @@ def _loop(model, cfg: TrainConfig, train_ds, eval_ds, out: Path, state, meter, p
     step_meter = StepMeter(meter, model, optimizer, cfg.meter_steps)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     model.train()
-    with stack_context(cfg.stack), contextlib.closing(bar):
+    with contextlib.closing(bar):
         if step == 0 and cfg.eval_every:
             _evaluate_and_log(model, cfg, eval_ds, out, 0)
         while step < cfg.steps:

@@ -33,7 +33,7 @@ def loss_and_grads(model_name, cfg, tmp_path, init="random"):
     return loss.detach(), grads, base
 
 
-@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen"])
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen", "tiny-mistral"])
 @pytest.mark.parametrize("offload", ["memory", "disk"])
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_checkpointed_loss_and_grads_are_bit_identical(model_name, offload, policy, tmp_path):
@@ -127,7 +127,7 @@ def test_bad_cache_policy_is_refused():
         StackConfig("checkpoint", cache_policy="everything")
 
 
-@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen"])
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen", "tiny-mistral"])
 @pytest.mark.parametrize("offload", ["memory", "disk"])
 def test_best_streams_the_vocabulary_table_with_bit_identical_loss_and_grads(
     model_name, offload, tmp_path
@@ -137,7 +137,8 @@ def test_best_streams_the_vocabulary_table_with_bit_identical_loss_and_grads(
         base = model.get_base_model()
         head = base.get_output_embeddings()
         assert (head.codes is None) == cfg.stream_weights  # streamed: nothing resident
-        assert head is base.get_input_embeddings().linear  # still tied: stored once
+        tied = head is base.get_input_embeddings().linear  # a tied table is stored once
+        assert tied == base.config.tie_word_embeddings  # Llama, Qwen tie; Mistral does not
         loss, _ = compute_loss(model, benchmark_batch(cfg, model.config.vocab_size), cfg)
         loss.backward()
         base.lowmem_checkpointing.close()

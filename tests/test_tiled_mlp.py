@@ -17,7 +17,7 @@ def _loss_and_grads(cfg, model_name="tiny-llama"):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen"])
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen", "tiny-mistral"])
 @pytest.mark.parametrize("tile", [1, 7, 64])
 def test_tiled_mlp_equals_the_plain_mlp(model_name, tile):
     common = dict(stack="quantize", seq_len=40, lora_targets=("all-linear",))
@@ -53,7 +53,7 @@ def test_bad_tile_and_conflicting_cache_policy_are_refused():
         StackConfig(stack="best", cache_policy="mlp")
 
 
-@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen"])
+@pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen", "tiny-mistral"])
 def test_tiled_mlp_inside_a_checkpointed_layer_is_exact_with_dropout(model_name):
     # the recompute skips the MLP forward (its values are unused); gradients must not notice.
     # Same tiles in both (dropout draws its masks per tile)

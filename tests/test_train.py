@@ -13,7 +13,6 @@ from lowmem.__main__ import main
 from lowmem.loss import compute_loss
 from lowmem.memory import measure_step
 from lowmem.models import build_model
-from lowmem.stack import stack_context
 from lowmem.step import BatchOrder, accumulate, to_batch
 from lowmem.train import TrainConfig, make_config, train, training_model
 
@@ -173,7 +172,7 @@ def test_the_step_peak_includes_the_optimizer_and_its_state(tmp_path, spec):
     with training_model("tiny-llama", cfg.stack) as model:
         train(model, cfg, ds, None, tmp_path, **QUIET)
         moments = 2 * sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
-    with training_model("tiny-llama", cfg.stack) as fresh, stack_context(cfg.stack):
+    with training_model("tiny-llama", cfg.stack) as fresh:
         batch = to_batch(ds.with_format("torch"), [0, 1], torch.device("cpu"))
         loss_fn = functools.partial(compute_loss, cfg=cfg.stack)
         fwd_bwd = measure_step(fresh, batch, "cpu", keep_outputs=False, loss_fn=loss_fn)
@@ -343,7 +342,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_the_first_step(tmp_
                 train(model, cfg, ds, None, tmp_path / spec, **QUIET)
             assert not (tmp_path / spec).exists()  # refused before the run folder
             batch = to_batch(ds.with_format("torch"), [0, 1], torch.device("cpu"))
-            with stack_context(cfg.stack), pytest.raises(ValueError, match="vocabulary of 512"):
+            with pytest.raises(ValueError, match="vocabulary of 512"):
                 compute_loss(model, batch, cfg.stack)  # a user's own loop is refused too
 
 

@@ -1,0 +1,105 @@
+"""Grouped-query attention two ways, chosen per model: K/V heads copied, or SDPA's own GQA.
+
+Llama-3.2 3B has 24 query heads and 8 K/V heads (groups of 3). SDPA can attend each group of
+query heads to its K/V head itself (`enable_gqa=True`: "native"), or K and V can first be
+copied up to one head per query head (`repeat_kv`), as transformers' eager path does. The two
+compute the same attention but differ in memory, because SDPA saves its K and V inputs for
+backward: with repeat_kv those are 2 x (query heads x head dim) floats per token per layer,
+2 x 3072 x 4 B x 28 layers = 0.66 GiB per 1024 tokens on Llama-3.2 3B, against 0.22 GiB
+native. Table 1's numbers imply repeat_kv up to `+ LoRA` and native from `+ Quantization` on
+(`StackConfig.gqa_mode`; experiments/LOG.md).
+
+transformers' own "sdpa" attention decides by device and mask (`use_gqa_in_sdpa`), so lowmem
+registers one attention implementation per path with transformers' `AttentionInterface`,
+`lowmem_sdpa_repeat_kv` and `lowmem_sdpa_native`, each with transformers' SDPA mask
+(`AttentionMaskInterface`), and `set_gqa` selects one on a model. Nothing process-wide is
+patched: two models in one process can run different paths. Each implementation runs the ops
+of transformers' `sdpa_attention_forward` with its choice forced, including its handling of
+`attention_mask` and `is_causal`, so measured peaks are those of the "sdpa" path (tests
+compare the two op by op; its NPU-only mask conversion is left out: lowmem runs on CPU and
+CUDA).
+
+The selected name lives in `model.config._attn_implementation`. config.json never records it
+(transformers drops it when saving), but a model handed on in memory to code that has not
+imported lowmem should be set back with `model.set_attn_implementation("sdpa")`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import pack_gqa, repeat_kv
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from lowmem.models import base_model
+
+IMPLEMENTATIONS = {"repeat_kv": "lowmem_sdpa_repeat_kv", "native": "lowmem_sdpa_native"}
+
+
+def sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    *,
+    gqa: str,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention with the GQA path fixed: "repeat_kv" or "native".
+
+    query: B x H x T x d, key / value: B x H_kv x S x d; returns B x T x H x d and no weights.
+    Other keyword arguments of the attention call (e.g. Mistral's sliding_window, which its
+    mask already applies) are ignored, as the "sdpa" path ignores them.
+    """
+    for name in ("softcap", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"lowmem's SDPA attention takes no {name}= (got a value)")
+    sdpa_kwargs = {}
+    q_length = query.shape[2]
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        if gqa == "native":
+            sdpa_kwargs["enable_gqa"] = True
+        elif q_length == 1:  # one query token: its heads grouped per K/V head, nothing copied
+            query = pack_gqa(query, groups)
+            attention_mask = pack_gqa(attention_mask, groups)
+        else:
+            key = repeat_kv(key, groups)
+            value = repeat_kv(value, groups)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # the kernel's own causal mask only when no mask was built (sdpa_mask skips a plain causal)
+    is_causal = q_length > 1 and attention_mask is None and is_causal
+    if is_causal and key.shape[2] > q_length:  # prefill into an empty static cache
+        key = key[:, :, :q_length, :]
+        value = value[:, :, :q_length, :]
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=is_causal,
+        **sdpa_kwargs,
+    )
+    out = out.reshape(out.shape[0], -1, q_length, value.shape[-1])  # undoes pack_gqa
+    return out.transpose(1, 2).contiguous(), None
+
+
+for _gqa, _name in IMPLEMENTATIONS.items():
+    AttentionInterface.register(_name, functools.partial(sdpa_attention, gqa=_gqa))
+    AttentionMaskInterface.register(_name, sdpa_mask)
+
+
+def set_gqa(model: torch.nn.Module, gqa: str) -> None:
+    """Run every attention layer of a (peft-wrapped) Hugging Face model on the `gqa` path."""
+    if gqa not in IMPLEMENTATIONS:
+        raise ValueError(f"bad gqa={gqa!r}: must be one of {', '.join(IMPLEMENTATIONS)}")
+    base_model(model).set_attn_implementation(IMPLEMENTATIONS[gqa])
