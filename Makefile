@@ -8,7 +8,7 @@ METER ?= simulated
 EXP ?= table1
 GRIDS := $(notdir $(patsubst %/grid.yaml,%,$(wildcard experiments/*/grid.yaml)))
 
-.PHONY: setup assets reproduce experiments grid quality tables test test-slow lint format clean clean-offload
+.PHONY: setup assets reproduce experiments grid quality tables gpu-check test test-slow lint format clean clean-offload
 
 setup: $(STAMP)  ## create .venv and install the pinned requirements (+ lowmem, editable)
 
@@ -42,6 +42,9 @@ quality: $(STAMP) assets  ## the quality table: SmolLM2-135M fine-tuned under ea
 tables: $(STAMP)  ## rebuild results/tables/ and results/figures/ from the committed records only
 	for e in $(GRIDS) quality; do $(PY) -m lowmem table $$e >/dev/null || exit 1; done
 	$(PY) -m lowmem figures
+
+gpu-check: $(STAMP)  ## one GPU, < 8 min: cuda vs simulated peaks, 2 paper models x 7 rows at 2048 [FORCE=1]
+	$(OFFLINE) $(PY) -m lowmem.gpu_check $(if $(FORCE),--force)
 
 test: $(STAMP) assets  ## default test tier (< 10 min on 2 cores)
 	$(OFFLINE) $(PY) -m pytest -q

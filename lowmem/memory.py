@@ -4,7 +4,10 @@ Peak memory = the maximum, over one forward + loss + backward, of the bytes held
 storages on the compute device: weights, LoRA parameters and gradients, activations saved for
 backward, temporaries. It is what `torch.cuda.max_memory_allocated` reports on a GPU.
 
-- `cuda`: the CUDA caching allocator's peak, allocated and reserved (the paper's meter).
+- `cuda`: the CUDA caching allocator's peak, allocated and reserved (the paper's meter), from a
+  plain step with no dispatch mode active (under one, some backward formulas run out of place
+  and the allocator would see their extra copies); the tracker's attribution (phase, op, largest
+  tensors) comes from a second, tracked run of the same step on the same model.
 - `cpu`: `LiveStorageTracker` on real tensors: a TorchDispatchMode that adds each new output
   storage's bytes the first time it sees it and subtracts them when the storage dies. It is
   deterministic; the process's peak RSS is reported beside it as a cross-check.
@@ -20,6 +23,7 @@ the tied embedding's two gradient contributions (1.47 GiB each) are being summed
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import threading
 import weakref
@@ -31,6 +35,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import masking_utils
+
+from lowmem.checkpoint import checkpointing_of
 
 METERS = ("cuda", "cpu", "simulated")
 GiB = 2**30
@@ -68,6 +74,8 @@ class LiveStorageTracker(TorchDispatchMode):
         self.phase_peaks.setdefault(phase, self.live)
 
     def _add(self, t: torch.Tensor) -> None:
+        if t.device.type == "meta":  # shapes only, no memory (e.g. a model built to read names)
+            return
         storage = t.untyped_storage()
         if storage in self._seen:
             return
@@ -117,11 +125,8 @@ def module_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
     in an in-memory offload store (streamed weights with offload="memory")."""
     yield from module.parameters()
     yield from module.buffers()
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    state = getattr(base, "lowmem_checkpointing", None)
-    for store in (state.store, state.weights) if state is not None else ():
-        if store is not None:
-            yield from store.resident()
+    for store in _stores(module):
+        yield from store.resident()
 
 
 @contextlib.contextmanager
@@ -182,19 +187,21 @@ def measure_step(
     holds the model's output (logits: T x V) through backward, as `out = model(...);
     out.loss.backward()` does; False keeps only the loss. `loss_fn(model, batch)` returns
     (loss, output); the default calls the model with the batch (labels included).
+
+    Under "cuda" the step runs twice: first plain, for the allocator's peak and the loss; then,
+    from the same gradients (none), generator states and offload counters, under the tracker.
+    The gradients left behind are one step's.
     """
+    step = functools.partial(_one_step, model, batch, keep_outputs, loss_fn)
+    if meter == "cuda":
+        plain = _plain_cuda_step(model, batch, step)
     tracker = LiveStorageTracker()
     tracker.register(module_tensors(model))
     tracker.register(batch.values())
     weight_bytes = tracker.live
     rss_start = _reset_peak_rss()
     with tracker:
-        tracker.mark("forward")
-        loss, out = loss_fn(model, batch) if loss_fn else _model_loss(model, batch)
-        if not keep_outputs:
-            del out
-        tracker.mark("backward")
-        loss.backward()
+        loss = step(tracker.mark)
     metrics = {
         "peak_bytes": tracker.peak,
         "peak_gib": tracker.peak / GiB,
@@ -207,13 +214,53 @@ def measure_step(
     }
     if meter == "cuda":
         metrics["tracked_peak_bytes"] = metrics["peak_bytes"]
-        metrics["peak_bytes"] = torch.cuda.max_memory_allocated()
-        metrics["peak_gib"] = metrics["peak_bytes"] / GiB
-        metrics["reserved_peak_bytes"] = torch.cuda.max_memory_reserved()
+        metrics.update(plain, peak_gib=plain["peak_bytes"] / GiB)
     if meter == "cpu":
         metrics["rss_start_bytes"] = rss_start
         metrics["peak_rss_bytes"] = _peak_rss()
     return metrics
+
+
+def _one_step(model, batch, keep_outputs, loss_fn, mark=lambda phase: None) -> torch.Tensor:
+    """Forward + loss + backward; `mark(phase)` names what follows. Returns the loss."""
+    mark("forward")
+    loss, out = loss_fn(model, batch) if loss_fn else _model_loss(model, batch)
+    if not keep_outputs:
+        del out
+    mark("backward")
+    loss.backward()
+    return loss
+
+
+def _plain_cuda_step(model: torch.nn.Module, batch: dict, step) -> dict:
+    """The allocator's peaks and the loss of `step()` run with no dispatch mode; then undo what
+    the step left, so that a second run starts where this one did."""
+    devices = sorted({t.device.index for t in batch.values() if t.device.type == "cuda"})
+    counters = [(s, dict(s.stats)) for s in _stores(model)]
+    state = checkpointing_of(model)
+    recompute_s = state.recompute_s if state is not None else 0.0
+    with torch.random.fork_rng(devices=devices):  # run 2 draws what run 1 drew (LoRA dropout)
+        torch.cuda.reset_peak_memory_stats()
+        loss = float(step().detach())
+        peaks = {
+            "peak_bytes": torch.cuda.max_memory_allocated(),
+            "reserved_peak_bytes": torch.cuda.max_memory_reserved(),
+        }
+    # what a step leaves: gradients (parameters, LoRA or not, and a batch leaf such as
+    # study.py's hidden states) and offload counters; a complete backward has consumed every
+    # stored layer input and cached output, and streamed weights are kept by design
+    for t in [*model.parameters(), *batch.values()]:
+        t.grad = None
+    for c, before in counters:
+        c.stats.update(before)
+    if state is not None:
+        state.recompute_s = recompute_s
+    return {**peaks, "loss": loss}
+
+
+def _stores(model: torch.nn.Module) -> list:
+    state = checkpointing_of(model)
+    return [s for s in (state.store, state.weights) if s is not None] if state else []
 
 
 def allocator_peak_bytes(step) -> int:

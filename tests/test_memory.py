@@ -1,12 +1,14 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from lowmem.bench import run_cell
+from lowmem.checkpoint import checkpointing_of
 from lowmem.config import ROWS, StackConfig, parse_spec
 from lowmem.loss import compute_loss
 from lowmem.memory import LiveStorageTracker, allocator_peak_bytes, measure_step, meter_context
 from lowmem.models import build_model
-from lowmem.stack import apply_stack, benchmark_batch, stack_context
+from lowmem.stack import apply_stack, benchmark_batch
 
 
 def test_tracker_counts_a_handmade_sequence_exactly():
@@ -115,11 +117,10 @@ def test_the_tracker_sees_the_peak_a_plain_run_has(spec):
     def loss_fn(model, batch):
         return compute_loss(model, batch, cfg)
 
-    with stack_context(cfg):
-        model, batch = model_and_batch()
-        tracked = measure_step(model, batch, "cpu", keep_outputs=False, loss_fn=loss_fn)
-        model, batch = model_and_batch()
-        plain = allocator_peak_bytes(lambda: loss_fn(model, batch)[0].backward())
+    model, batch = model_and_batch()
+    tracked = measure_step(model, batch, "cpu", keep_outputs=False, loss_fn=loss_fn)
+    model, batch = model_and_batch()
+    plain = allocator_peak_bytes(lambda: loss_fn(model, batch)[0].backward())
     # the allocator also sees a few small kernel buffers that are no tensor storage
     assert abs(tracked["peak_bytes"] - tracked["resident_bytes"] - plain) <= 4096
 
@@ -146,3 +147,75 @@ def test_weights_streamed_from_an_in_memory_store_are_still_counted(meter):
         metrics = run_cell("tiny-llama", cfg, meter)["metrics"]
         peaks.append((metrics["peak_bytes"], metrics["resident_bytes"]))
     assert peaks[0] == peaks[1]
+
+
+def test_cuda_meter_reads_the_allocator_around_a_plain_run_and_tracks_a_second(monkeypatch):
+    # no GPU here: the allocator's counters are fakes that note whether a dispatch mode was
+    # active when they were called; the step notes the same about itself
+    events = []
+
+    def fake(name, value=0):
+        def call(*args, **kwargs):
+            events.append((name, _get_current_dispatch_mode() is not None))
+            return value
+
+        return call
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", fake("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", fake("allocated", 123_000))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", fake("reserved", 456_000))
+    # LoRA dropout draws random numbers; disk offload and streamed weights keep state per layer
+    cfg = StackConfig("checkpoint", seq_len=40, lora_dropout=0.1, offload_async=False)
+
+    def loss_fn(model, batch):
+        events.append(("step", _get_current_dispatch_mode() is not None))
+        return compute_loss(model, batch, cfg)
+
+    def measured(meter):
+        torch.manual_seed(0)
+        model = apply_stack(build_model("tiny-llama"), cfg)
+        batch = benchmark_batch(cfg, model.config.vocab_size)
+        metrics = measure_step(model, batch, meter, keep_outputs=False, loss_fn=loss_fn)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        stats = checkpointing_of(model).stats()
+        checkpointing_of(model).close()
+        return metrics, grads, stats
+
+    cuda, cuda_grads, cuda_stats = measured("cuda")
+    assert events == [
+        ("reset", False),
+        ("step", False),
+        ("allocated", False),
+        ("reserved", False),
+        ("step", True),
+    ]
+    cpu, cpu_grads, cpu_stats = measured("cpu")
+    assert cuda["peak_bytes"] == 123_000 and cuda["reserved_peak_bytes"] == 456_000
+    assert cuda["peak_gib"] == 123_000 / 2**30
+    # the tracked run started where a single step starts: no gradients, same random numbers
+    assert cuda["tracked_peak_bytes"] == cpu["peak_bytes"]
+    for key in ("peak_phase", "peak_op", "peak_tensors", "phase_peak_bytes", "resident_bytes"):
+        assert cuda[key] == cpu[key], key
+    assert cuda["loss"] == cpu["loss"]
+    assert cuda_grads.keys() == cpu_grads.keys() and cuda_grads
+    for name, grad in cuda_grads.items():
+        assert torch.equal(grad, cpu_grads[name]), name  # one step's, not two steps' sum
+    for key in ("activations_bytes_written", "activations_bytes_read", "weights_bytes_read"):
+        assert cuda_stats[key] == cpu_stats[key] > 0, key  # the counters tell of one step
+
+
+def test_cuda_meter_leaves_one_step_gradient_on_a_batch_leaf(monkeypatch):
+    # study.py measures a head alone, its input hidden states a leaf that requires grad
+    for name in ("reset_peak_memory_stats", "max_memory_allocated", "max_memory_reserved"):
+        monkeypatch.setattr(torch.cuda, name, lambda: 0)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 4)
+    batch = {"hidden": torch.randn(3, 8, requires_grad=True)}
+
+    def loss_fn(model, batch):
+        return model(batch["hidden"]).square().sum(), None
+
+    measure_step(head, batch, "cuda", keep_outputs=False, loss_fn=loss_fn)
+    hidden = batch["hidden"].detach().requires_grad_(True)
+    loss_fn(head, {"hidden": hidden})[0].backward()
+    assert torch.equal(batch["hidden"].grad, hidden.grad)

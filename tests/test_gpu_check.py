@@ -1,0 +1,82 @@
+"""`make gpu-check` on a machine without a GPU: the cells, the refusal, the table."""
+
+import torch
+
+from lowmem import gpu_check, results
+from lowmem.config import ROWS, StackConfig
+
+GiB = 2**30
+
+
+def _record(model, stack, meter, status="ok", **metrics):
+    cfg = StackConfig(stack=stack, seq_len=2048)
+    return {
+        "run_id": results.run_id(model, cfg, meter),
+        "status": status,
+        "model": model,
+        "config": cfg.to_dict(),
+        "meter": meter,
+        "metrics": metrics if status == "ok" else {},
+    }
+
+
+def test_the_cells_are_both_paper_models_times_every_row_at_2048():
+    cells = gpu_check.cells()
+    assert len(cells) == 14
+    assert [(m, c.stack) for m, c in cells] == [
+        (m, s) for m in ("llama-3.2-3b", "qwen-2.5-3b") for s in ROWS
+    ]
+    assert {c.seq_len for _, c in cells} == {2048}
+    assert all(c == StackConfig(stack=c.stack, seq_len=2048) for _, c in cells)  # defaults
+
+
+def test_without_cuda_it_refuses_with_one_line_and_writes_nothing(monkeypatch, capsys, results_tmp):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main([]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "CUDA GPU" in err
+    assert not results_tmp.exists()
+
+
+def test_the_table_puts_cuda_beside_simulated():
+    table = gpu_check.comparison_table(
+        [
+            _record("llama-3.2-3b", "lora", "simulated", peak_bytes=2 * GiB),
+            _record(
+                "llama-3.2-3b",
+                "lora",
+                "cuda",
+                peak_bytes=int(2.5 * GiB),
+                tracked_peak_bytes=2 * GiB,
+            ),
+            _record("qwen-2.5-3b", "baseline", "cuda", status="oom"),
+        ]
+    )
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | row | T | cuda GiB | tracked GiB | simulated GiB |")
+    assert lines[2] == "| llama-3.2-3b | lora | 2048 | 2.50 | 2.00 | 2.00 | 1.250 |"
+    assert lines[3] == "| qwen-2.5-3b | baseline | 2048 | oom | oom | - | - |"
+
+
+def test_main_measures_each_cell_under_both_meters_and_prints_the_table(
+    monkeypatch, capsys, results_tmp
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    ran = []
+
+    def fake_grid(experiment, cells, meter, force=False):
+        for model, cfg in cells:
+            ran.append((model, cfg.stack, meter))
+            record = _record(model, cfg.stack, meter, peak_bytes=GiB, tracked_peak_bytes=GiB)
+            results.write_record(experiment, record)
+
+    monkeypatch.setattr(gpu_check, "run_grid", fake_grid)
+    assert gpu_check.main([]) == 0
+    assert sorted(ran) == sorted(
+        (m, c.stack, t) for m, c in gpu_check.cells() for t in ("cuda", "simulated")
+    )
+    assert len(list((results_tmp / "raw" / "gpu_check").glob("*.json"))) == 28
+    out = capsys.readouterr().out
+    assert out.count("| 1.00 | 1.00 | 1.00 | 1.000 |") == 14
