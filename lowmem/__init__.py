@@ -1,7 +1,13 @@
 """lowmem: peak-memory reduction for LoRA fine-tuning of LLMs on machines with little memory.
 
-Reproduces and extends arXiv 2606.19528. One module per technique; `lowmem.reference` holds
-the plain versions they are tested against. Start with `python -m lowmem --help`.
+Reproduces and extends arXiv 2606.19528. In your own code:
+
+    model = lowmem.prepare(hf_model_or_directory, "best")   # then any training loop
+    model.save_pretrained(adapter_dir)                      # a stock PEFT adapter
+    lowmem.merge(model, merged_dir)                         # or base + adapter, FP32
+
+One module per technique; `lowmem.reference` holds the plain versions they are tested against.
+The experiments: `python -m lowmem --help`.
 """
 
 import logging
@@ -11,3 +17,8 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
+
+from lowmem.api import plan, prepare  # noqa: E402  (after the logging setting above)
+from lowmem.merge import merge  # noqa: E402
+
+__all__ = ["merge", "plan", "prepare"]

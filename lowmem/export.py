@@ -13,17 +13,15 @@ where the model has a tokenizer. `cached_base` does it once per model into the l
 
 Size: SmolLM2-135M, 134.5e6 parameters x 4 B (FP32, tied embedding stored once) = 513 MiB.
 
-Atomicity: the directory is written into a temporary folder beside OUT_DIR, then renamed into
-place; a failure removes it (and the parent folders this call created), so nothing
-half-written is ever found under OUT_DIR. An existing non-empty OUT_DIR is refused. Modes: those
-the user's umask gives (`lowmem.files`).
+Atomicity (`lowmem.files.new_folder`): the directory is written into a temporary folder
+beside OUT_DIR, then renamed into place; a failure removes it (and the parent folders this call
+created), so nothing half-written is ever found under OUT_DIR. An existing non-empty OUT_DIR
+is refused. Modes: those the user's umask gives (`lowmem.files`).
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lowmem import assets
-from lowmem.files import seal, temp_folder
+from lowmem.files import check_out_dir, new_folder
 from lowmem.models import REGISTRY, ModelError, base_model, build_model, get_spec, load_tokenizer
 
 EXPORT_FORMAT = "fp32"  # part of the cache folder's name: a new format never reads an old one
@@ -42,29 +40,17 @@ def export_base(model: str, out_dir: str | Path, model_path: str | Path | None =
 
     `out_dir` must not exist or be an empty folder; missing parent folders are created."""
     out = Path(out_dir)
-    _check_out_dir(out)
+    check_out_dir(out)
     path = None if model_path is None else str(model_path)
     hf = build_model(model, "pretrained", model_path=path)
     try:
         tokenizer = load_tokenizer(model, path)
     except ModelError:  # a model without a tokenizer (the tiny test models): weights only
         tokenizer = None
-    created = _missing_parents(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_folder(out)
-    try:
+    with new_folder(out) as tmp:
         plain_copy(hf).save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        seal(tmp)
-        _check_out_dir(out)  # another process may have written it meanwhile
-        os.replace(tmp, out)  # POSIX: replaces an empty folder, fails on a non-empty one
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in reversed(created):  # innermost first; only folders this call made
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
     return out
 
 
@@ -102,19 +88,6 @@ def cached_base(model: str) -> Path:
 
 def _complete(out: Path) -> bool:
     return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
-
-
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(
-            f"out_dir {str(out)!r} already exists and is not an empty folder; choose a new "
-            "or empty folder (export never overwrites)"
-        )
-
-
-def _missing_parents(out: Path) -> list[Path]:
-    """The parent folders of `out` that do not exist yet, outermost first."""
-    return [p for p in reversed(out.absolute().parents) if not p.exists()]
 
 
 def loadable_base(model: torch.nn.Module) -> str | None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -67,3 +69,33 @@ def seal(folder: Path) -> None:
         os.chmod(file, mode)
         with open(file, "rb") as f:
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def new_folder(out: Path) -> Iterator[Path]:
+    """Fill a folder that becomes `out` whole or not at all: yields a temporary folder beside
+    it, sealed and renamed into place when the block ends. `out` must not exist or be empty;
+    on failure the temporary folder and the parent folders this call created are removed."""
+    check_out_dir(out)
+    created = [p for p in reversed(out.absolute().parents) if not p.exists()]  # outermost first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_folder(out)
+    try:
+        yield tmp
+        seal(tmp)
+        check_out_dir(out)  # another process may have written it meanwhile
+        os.replace(tmp, out)  # POSIX: replaces an empty folder, fails on a non-empty one
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(created):  # innermost first; only folders this call made
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(
+            f"out_dir {str(out)!r} already exists and is not an empty folder; choose a new "
+            "or empty folder (lowmem never overwrites one)"
+        )

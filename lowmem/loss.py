@@ -25,25 +25,38 @@ from lowmem.softmax_approx import subset_cross_entropy
 
 
 def compute_loss(model: torch.nn.Module, batch: dict, cfg) -> tuple[torch.Tensor, object]:
-    """(loss, model output or None) for one batch under the stack row `cfg`."""
+    """(loss, model output or None) for one batch under the stack row `cfg`; token ids checked."""
     check_token_ids(batch["input_ids"], batch.get("labels"), model.config.vocab_size)
-    batch = dict(batch)
-    index = batch.pop("trainable_index", None)
-    if not (cfg.enabled("softmax_approx") or cfg.enabled("logits_mask")):
+    if not own_head(cfg):
+        batch = {k: v for k, v in batch.items() if k != "trainable_index"}
         out = model(**batch)
         return out.loss, out
+    return own_head_loss(model, batch, cfg), None
+
+
+def own_head(cfg) -> bool:
+    """Whether the row computes the LM head and loss itself (from softmax_approx on, best)."""
+    return cfg.enabled("softmax_approx") or cfg.enabled("logits_mask")
+
+
+def own_head_loss(model: torch.nn.Module, batch: dict, cfg) -> torch.Tensor:
+    """The decoder to the final hidden states, then the row's head + loss; never B x T x V.
+
+    `batch` holds input_ids and labels, optionally attention_mask, position_ids (which reach
+    the decoder as the model's own call passes them), trainable_index (lowmem.logits_mask) and
+    further keyword arguments of the decoder."""
     base = base_model(model)
-    # a padded batch's mask and positions reach the decoder as the model's own call passes them
-    masks = {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
-    hidden = base.model(input_ids=batch["input_ids"], **masks).last_hidden_state
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "trainable_index")}
+    hidden = base.model(**inputs).last_hidden_state
     head = base.get_output_embeddings()
+    index = batch.get("trainable_index")
     if cfg.enabled("logits_mask"):
         rows, targets = trainable_rows(hidden, batch["labels"], index)
     else:
         rows, targets = shifted(hidden, batch["labels"])
     del hidden
     if cfg.enabled("fused_loss"):
-        return fused_cross_entropy(rows, targets, head, cfg.loss_chunk), None
+        return fused_cross_entropy(rows, targets, head, cfg.loss_chunk)
     if cfg.enabled("softmax_approx") and model.training:
         loss = subset_cross_entropy(
             rows,
@@ -55,9 +68,9 @@ def compute_loss(model: torch.nn.Module, batch: dict, cfg) -> tuple[torch.Tensor
             base.get_input_embeddings(),
             cfg.loss_chunk,
         )
-        return loss, None
+        return loss
     logits = chunked_logits(rows, head, cfg.loss_chunk)
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX), None
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
 
 def check_token_ids(

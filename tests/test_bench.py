@@ -42,6 +42,7 @@ def test_grid_skips_recorded_cells_unless_forced(results_tmp):
     assert len(results.load_records("g")) == 2
 
 
+@pytest.mark.slow  # ~90 s; the default tier checks the committed records (test_results.py)
 def test_table1_grid_reproduces_every_paper_cell_from_scratch(results_tmp):
     bench.run_grid("table1", bench.table1_cells(REPRODUCED), "simulated")
     frame = results.cell_frame(results.load_records("table1"))

@@ -12,10 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from lowmem import assets, quality
 from lowmem.__main__ import main
+from lowmem.attention import set_gqa
 from lowmem.config import parse_spec
 from lowmem.export import cached_base, export_base
 from lowmem.models import build_model
-from lowmem.stack import apply_stack, stack_context
+from lowmem.stack import apply_stack
 from lowmem.train import make_config, train, training_model
 
 QUIET = dict(progress=False)
@@ -32,9 +33,10 @@ def adapter_base(adapter: Path) -> str:
 
 
 def deployed_logits(model: torch.nn.Module) -> torch.Tensor:
-    """Logits as lowmem evaluates a deployed adapter (quality.fp32_base_loss: the lora row's
-    runtime settings)."""
-    with torch.no_grad(), stack_context(parse_spec("lora")):
+    """Logits as lowmem evaluates a deployed adapter (quality.fp32_base_loss: on the lora
+    row's attention path)."""
+    set_gqa(model, parse_spec("lora").gqa_mode)
+    with torch.no_grad():
         return model.eval()(input_ids=IDS).logits
 
 
@@ -117,7 +119,7 @@ def test_export_base_refuses_a_non_empty_out_dir_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"error: out_dir {str(out)!r} already exists and is not an empty folder; choose a new "
-        "or empty folder (export never overwrites)"
+        "or empty folder (lowmem never overwrites one)"
     ]
     assert sorted(tmp_path.rglob("*")) == [out, out / "notes.txt"]
     assert (out / "notes.txt").read_text() == "mine"
