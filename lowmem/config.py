@@ -1,15 +1,17 @@
 """The stack's rows and one run's configuration: one dial from full fine-tuning to the last row.
 
 Table 1 of the paper is cumulative: every row adds one technique to the row above it. Here that
-is a single dial, `StackConfig.stack`, naming the last technique enabled; every paper row is a
-prefix of `STACK`. `best` is the beyond-the-paper profile: every exact technique, no
-approximation of the loss. `StackConfig` holds every other knob of a run, validated on
-construction; `parse_spec` / `describe` turn it into a one-line spec and back.
+is a single dial, `StackConfig.stack`, naming a row of `PROFILES` (data: the techniques it
+enables and what its `auto` settings resolve to); every paper row is a prefix of `STACK`.
+`best` is the beyond-the-paper profile: every exact technique, no approximation of the loss.
+`StackConfig` holds every other knob of a run, validated on construction; `parse_spec` /
+`describe` turn it into a one-line spec and back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from lowmem.checkpoint import POLICIES
@@ -18,19 +20,50 @@ from lowmem.quantize import BACKENDS, BITS, GROUP_SIZES
 from lowmem.softmax_approx import RULES, VARIANTS
 
 STACK = ("baseline", "lora", "quantize", "checkpoint", "softmax_approx", "logits_mask")
-# beyond the paper: every exact technique, no approximation of the loss
-BEST = ("lora", "quantize", "checkpoint", "logits_mask", "fused_loss", "fused_norm")
-ROWS = STACK + ("best",)
 
-LABELS = {
-    "baseline": "FP32 Baseline",
-    "lora": "+ LoRA (r=16)",
-    "quantize": "+ Quantization (INT4)",
-    "checkpoint": "+ Checkpointing",
-    "softmax_approx": "+ SM Approx. (top-1000)",
-    "logits_mask": "+ Logits Masking (30% trainable)",
-    "best": "lowmem best (exact loss)",
+
+@dataclass(frozen=True)
+class Profile:
+    """A named row: the techniques it enables and what its `auto` (-1) settings resolve to."""
+
+    label: str
+    """The row's name in tables and figures."""
+    techniques: tuple[str, ...]
+    """Techniques enabled (STACK names, plus the beyond-the-paper fused_loss, fused_norm)."""
+    dequant_rows: Callable[[int], int] = lambda seq_len: 0
+    """Output rows of a quantized layer dequantized at a time, from T (0 = the whole matrix)."""
+    mlp_tile: int = 0
+    """Tokens per MLP tile (0 = no tiling)."""
+    prefetch: bool = True
+    """Read layer i - 1's input and weights while layer i runs backward."""
+
+
+_PAPER_LABELS = (
+    "FP32 Baseline",
+    "+ LoRA (r=16)",
+    "+ Quantization (INT4)",
+    "+ Checkpointing",
+    "+ SM Approx. (top-1000)",
+    "+ Logits Masking (30% trainable)",
+)
+# every paper row is a prefix of STACK: each adds one technique to the row above (Table 1)
+PROFILES: dict[str, Profile] = {
+    row: Profile(label, STACK[: i + 1])
+    for i, (row, label) in enumerate(zip(STACK, _PAPER_LABELS, strict=True))
 }
+# beyond the paper: every exact technique, no approximation of the loss. The FP32 piece of a
+# dequantized weight stays small next to the layer's T x D activations, and its count per
+# tiled-MLP pass stays constant in T from 8192 on (re-dequantized per tile); prefetch off: one
+# layer's weights on the device at a time
+PROFILES["best"] = Profile(
+    "lowmem best (exact loss)",
+    ("lora", "quantize", "checkpoint", "logits_mask", "fused_loss", "fused_norm"),
+    dequant_rows=lambda seq_len: max(1024, seq_len // 8),
+    mlp_tile=256,
+    prefetch=False,
+)
+ROWS = tuple(PROFILES)
+LABELS = {row: profile.label for row, profile in PROFILES.items()}
 
 GQA_MODES = ("auto", "repeat_kv", "native")
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -195,10 +228,8 @@ class StackConfig:
         )
 
     def enabled(self, technique: str) -> bool:
-        """Whether `technique` is on in this row (a prefix of STACK, or the `best` profile)."""
-        if self.stack == "best":
-            return technique in BEST
-        return technique in STACK and STACK.index(technique) <= STACK.index(self.stack)
+        """Whether `technique` is on in this row (PROFILES)."""
+        return technique in PROFILES[self.stack].techniques
 
     @property
     def gqa_mode(self) -> str:
@@ -211,17 +242,17 @@ class StackConfig:
     def resolved_dequant_chunk(self) -> int:
         if self.dequant_chunk >= 0:
             return self.dequant_chunk
-        # best: the FP32 piece stays small next to the layer's T x D activations, and its count
-        # per tiled-MLP pass stays constant in T from 8192 on (re-dequantized per tile)
-        return max(1024, self.seq_len // 8) if self.stack == "best" else 0
+        return PROFILES[self.stack].dequant_rows(self.seq_len)
 
     @property
     def resolved_mlp_tile(self) -> int:
-        return self.mlp_tile if self.mlp_tile >= 0 else (256 if self.stack == "best" else 0)
+        return self.mlp_tile if self.mlp_tile >= 0 else PROFILES[self.stack].mlp_tile
 
     @property
     def resolved_prefetch(self) -> bool:
-        return bool(self.offload_prefetch) if self.offload_prefetch >= 0 else self.stack != "best"
+        if self.offload_prefetch >= 0:
+            return bool(self.offload_prefetch)
+        return PROFILES[self.stack].prefetch
 
     def to_dict(self) -> dict:
         return asdict(self)
