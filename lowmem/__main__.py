@@ -294,12 +294,12 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _table1(args: argparse.Namespace) -> int:
-    from lowmem.bench import run_grid, table1_cells
+    from lowmem.bench import table1_cells
+    from lowmem.grid import run_cells
 
-    records = run_grid(
-        "table1", table1_cells(ROWS, tuple(args.models)), args.meter, force=args.force
-    )
-    print(f"measured {len(records)} new cell(s)", file=sys.stderr)
+    cells = [(m, cfg, args.meter) for m, cfg in table1_cells(ROWS, tuple(args.models))]
+    counts = run_cells("table1", cells, "in-process", force=args.force)
+    print(", ".join(f"{n} {k}" for k, n in counts.items()), file=sys.stderr)
     return _table(argparse.Namespace(experiment="table1"))
 
 

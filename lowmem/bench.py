@@ -14,13 +14,13 @@ import time
 import traceback
 
 import torch
-from tqdm.auto import tqdm
 
 from lowmem import paper, results
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import StackConfig
 from lowmem.loss import compute_loss
-from lowmem.memory import METERS, ProcessRss, measure_step, meter_context
+from lowmem.memory import METERS, ProcessRss, meter_context
+from lowmem.meter import measure_step
 from lowmem.models import (
     build_model,
     count_parameters,
@@ -102,23 +102,6 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
         "elapsed_s": round(time.perf_counter() - start, 2),
         "environment": results.environment(),
     }
-
-
-def run_grid(
-    experiment: str, cells: list[tuple[str, StackConfig]], meter: str, force: bool = False
-) -> list[dict]:
-    """Run each (model, config) cell not already recorded; write one record per cell."""
-    written = []
-    bar = tqdm(cells, desc=experiment, unit="cell")
-    for model_name, cfg in bar:
-        rid = results.run_id(model_name, cfg, meter)
-        bar.set_postfix_str(rid)
-        if results.record_path(experiment, rid).exists() and not force:
-            continue
-        record = run_cell(model_name, cfg, meter)
-        results.write_record(experiment, record)
-        written.append(record)
-    return written
 
 
 def table1_cells(stacks: tuple[str, ...], models: tuple[str, ...] | None = None) -> list:

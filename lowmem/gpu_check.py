@@ -6,7 +6,7 @@ qwen-2.5-3b) x every Table 1 row and `best` x 2048 tokens = 14, each under both 
 record per cell and meter in results/raw/gpu_check/ (the meter is part of the run id; recorded
 cells are skipped unless --force). The cuda meter builds each model with random weights on the
 GPU and reports the allocator's peak from a plain step; its `tracked` figure is the live-storage
-tracker's from a second run of the same step (`lowmem.memory.measure_step`).
+tracker's from a second run of the same step (`lowmem.meter.measure_step`).
 
 Memory: the largest cell is Qwen's FP32 full fine-tuning, 34.05 GiB simulated (the paper's
 A100: 35.25 GiB), so an 80 GB GPU holds every cell with room. Time (expected, not yet
@@ -28,8 +28,8 @@ import time
 import torch
 
 from lowmem import paper, results
-from lowmem.bench import run_grid
 from lowmem.config import ROWS, StackConfig
+from lowmem.grid import run_cells
 
 EXPERIMENT = "gpu_check"
 SEQ_LEN = 2048
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for meter in METERS:
         for cell in cells():
-            run_grid(EXPERIMENT, [cell], meter, force=args.force)
+            model, cfg = cell
+            run_cells(EXPERIMENT, [(model, cfg, meter)], "in-process", force=args.force)
             if meter == "cuda":
                 _say_what_is_left(cell)
     wanted = {results.run_id(m, cfg, meter) for m, cfg in cells() for meter in METERS}

@@ -1,4 +1,4 @@
-"""Grids of runs: an experiment folder's grid.yaml -> cells -> one papermill run per cell.
+"""Grids of runs: an experiment folder's grid.yaml -> cells -> one record per cell.
 
 `experiments/<name>/grid.yaml` names its axes (every combination is a cell) and overrides of
 `experiments/defaults.yaml`; `axes` may also be a list of such blocks, and the grid is then the
@@ -9,7 +9,9 @@ flat parameter set of `notebooks/run_cell.ipynb` (model, meter, experiment and t
 the wrong type (a quoted "false") is refused in one line that names the file. Values reach
 the notebook as YAML gave them, never coerced. Cells whose record exists are skipped unless
 forced; a cell that crashes the notebook becomes a `failed` record with the error, and the
-grid carries on.
+grid carries on. `run_cells` is the one cell runner: it skips recorded cells and runs the rest
+through papermill (the grids, `make reproduce`) or in process (`python -m lowmem table1`,
+`make gpu-check`).
 """
 
 from __future__ import annotations
@@ -156,42 +158,77 @@ def _read_yaml(path: Path) -> object:
 
 
 def run_grid(folder: str | Path, force: bool = False, meter: str | None = None) -> dict:
-    """Execute the run notebook for each cell not recorded yet; count what happened."""
-    counts = {"ran": 0, "skipped": 0, "failed": 0}
+    """Execute the run notebook for each cell of the folder's grid not recorded yet."""
     cells = load_grid(folder, meter)
-    for cell in tqdm(cells, desc=Path(folder).name, unit="cell"):
-        cfg = config_from_parameters(cell)
-        rid = results.run_id(cell["model"], cfg, cell["meter"])
-        if results.record_path(cell["experiment"], rid).exists() and not force:
+    if not cells:
+        return {"ran": 0, "skipped": 0, "failed": 0}
+    experiment = cells[0]["experiment"]
+    todo = [(c["model"], config_from_parameters(c), c["meter"]) for c in cells]
+    return run_cells(experiment, todo, "papermill", force, desc=Path(folder).name)
+
+
+EXECUTORS = ("papermill", "in-process")
+
+
+def run_cells(
+    experiment: str,
+    cells: list[tuple[str, StackConfig, str]],
+    executor: str = "papermill",
+    force: bool = False,
+    desc: str | None = None,
+) -> dict:
+    """Measure each (model, config, meter) cell not recorded yet, one record per cell, through
+    `executor`: "papermill" (one run of notebooks/run_cell.ipynb per cell, as `make
+    reproduce` does) or "in-process" (`lowmem.bench.run_cell`, faster); the same records.
+    Returns how many ran, were skipped (recorded already) and failed."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"bad executor={executor!r}: must be one of {', '.join(EXECUTORS)}")
+    results.check_slug("experiment", experiment)
+    run = _papermill if executor == "papermill" else _in_process
+    counts = {"ran": 0, "skipped": 0, "failed": 0}
+    bar = tqdm(cells, desc=desc or experiment, unit="cell")
+    for model, cfg, meter in bar:
+        rid = results.run_id(model, cfg, meter)
+        bar.set_postfix_str(rid)
+        if results.record_path(experiment, rid).exists() and not force:
             counts["skipped"] += 1
             continue
-        params = {**cell, "force": force}
-        if isinstance(params.get("lora_targets"), list | tuple):
-            params["lora_targets"] = ",".join(params["lora_targets"])
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                papermill.execute_notebook(
-                    str(RUN_NOTEBOOK),
-                    str(Path(tmp) / "out.ipynb"),
-                    parameters=params,
-                    kernel_name="python3",
-                    progress_bar=False,
-                )
-            counts["ran"] += 1
-        except papermill.PapermillExecutionError as err:
-            results.write_record(
-                cell["experiment"],
-                {
-                    "run_id": rid,
-                    "status": "failed",
-                    "model": cell["model"],
-                    "config": cfg.to_dict(),
-                    "meter": cell["meter"],
-                    "device": None,
-                    "metrics": {},
-                    "error": f"{err.ename}: {err.evalue}",
-                    "environment": results.environment(),
-                },
-            )
-            counts["failed"] += 1
+        counts["ran" if run(experiment, model, cfg, meter, force) else "failed"] += 1
     return counts
+
+
+def _in_process(experiment: str, model: str, cfg: StackConfig, meter: str, force: bool) -> bool:
+    from lowmem.bench import run_cell  # here: bench builds models, the grid's loader does not
+
+    record = run_cell(model, cfg, meter)
+    results.write_record(experiment, record)
+    return record["status"] != "failed"
+
+
+def _papermill(experiment: str, model: str, cfg: StackConfig, meter: str, force: bool) -> bool:
+    params = {**cfg.to_dict(), "model": model, "meter": meter, "experiment": experiment}
+    params["lora_targets"] = ",".join(cfg.lora_targets)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            papermill.execute_notebook(
+                str(RUN_NOTEBOOK),
+                str(Path(tmp) / "out.ipynb"),
+                parameters={**params, "force": force},
+                kernel_name="python3",
+                progress_bar=False,
+            )
+        return True
+    except papermill.PapermillExecutionError as err:
+        record = {
+            "run_id": results.run_id(model, cfg, meter),
+            "status": "failed",
+            "model": model,
+            "config": cfg.to_dict(),
+            "meter": meter,
+            "device": None,
+            "metrics": {},
+            "error": f"{err.ename}: {err.evalue}",
+            "environment": results.environment(),
+        }
+        results.write_record(experiment, record)
+        return False

@@ -3,6 +3,7 @@ import torch
 
 from lowmem import bench, paper, results
 from lowmem.config import StackConfig
+from lowmem.grid import run_cells
 
 # rows whose every cell is within +-10% of the paper (softmax_approx and logits_mask are not
 # yet: experiments/LOG.md)
@@ -35,16 +36,19 @@ def test_a_crash_becomes_a_failed_record(monkeypatch):
 
 
 def test_grid_skips_recorded_cells_unless_forced(results_tmp):
-    cells = [("tiny-llama", StackConfig(seq_len=16)), ("tiny-qwen", StackConfig(seq_len=16))]
-    assert len(bench.run_grid("g", cells, "simulated")) == 2
-    assert bench.run_grid("g", cells, "simulated") == []
-    assert len(bench.run_grid("g", cells[:1], "simulated", force=True)) == 1
+    cells = [(m, StackConfig(seq_len=16), "simulated") for m in ("tiny-llama", "tiny-qwen")]
+    assert run_cells("g", cells, "in-process") == {"ran": 2, "skipped": 0, "failed": 0}
+    assert run_cells("g", cells, "in-process") == {"ran": 0, "skipped": 2, "failed": 0}
+    assert run_cells("g", cells[:1], "in-process", force=True)["ran"] == 1
     assert len(results.load_records("g")) == 2
+    with pytest.raises(ValueError, match="bad executor='ray': must be one of papermill, in"):
+        run_cells("g", cells, "ray")
 
 
 @pytest.mark.slow  # ~90 s; the default tier checks the committed records (test_results.py)
 def test_table1_grid_reproduces_every_paper_cell_from_scratch(results_tmp):
-    bench.run_grid("table1", bench.table1_cells(REPRODUCED), "simulated")
+    cells = [(m, cfg, "simulated") for m, cfg in bench.table1_cells(REPRODUCED)]
+    run_cells("table1", cells, "in-process")
     frame = results.cell_frame(results.load_records("table1"))
     assert len(frame) == 2 * len(REPRODUCED) * len(paper.CONTEXTS)
     misses = frame[~frame["reproduced"].astype(bool)]

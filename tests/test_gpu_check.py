@@ -66,13 +66,13 @@ def test_main_measures_each_cell_under_both_meters_and_prints_the_table(
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
     ran = []
 
-    def fake_grid(experiment, cells, meter, force=False):
-        for model, cfg in cells:
+    def fake_grid(experiment, cells, executor, force=False):
+        for model, cfg, meter in cells:
             ran.append((model, cfg.stack, meter))
             record = _record(model, cfg.stack, meter, peak_bytes=GiB, tracked_peak_bytes=GiB)
             results.write_record(experiment, record)
 
-    monkeypatch.setattr(gpu_check, "run_grid", fake_grid)
+    monkeypatch.setattr(gpu_check, "run_cells", fake_grid)
     assert gpu_check.main([]) == 0
     assert sorted(ran) == sorted(
         (m, c.stack, t) for m, c in gpu_check.cells() for t in ("cuda", "simulated")
