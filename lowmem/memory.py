@@ -23,7 +23,6 @@ the tied embedding's two gradient contributions (1.47 GiB each) are being summed
 from __future__ import annotations
 
 import contextlib
-import functools
 import resource
 import threading
 import weakref
@@ -125,8 +124,14 @@ def module_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
     in an in-memory offload store (streamed weights with offload="memory")."""
     yield from module.parameters()
     yield from module.buffers()
-    for store in _stores(module):
+    for store in offload_stores(module):
         yield from store.resident()
+
+
+def offload_stores(model: torch.nn.Module) -> list:
+    """The offload stores of a model `lowmem.checkpoint` changed (none otherwise)."""
+    state = checkpointing_of(model)
+    return [s for s in (state.store, state.weights) if s is not None] if state else []
 
 
 @contextlib.contextmanager
@@ -174,95 +179,6 @@ def _unpacked_sequences() -> Iterator[None]:
         masking_utils.find_packed_sequence_indices = original
 
 
-def measure_step(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    meter: str,
-    keep_outputs: bool = True,
-    loss_fn=None,
-) -> dict:
-    """Run forward + loss + backward once; return the meter's peak and where it fell.
-
-    Call inside `meter_context(meter)`, with `model` and `batch` built there. keep_outputs=True
-    holds the model's output (logits: T x V) through backward, as `out = model(...);
-    out.loss.backward()` does; False keeps only the loss. `loss_fn(model, batch)` returns
-    (loss, output); the default calls the model with the batch (labels included).
-
-    Under "cuda" the step runs twice: first plain, for the allocator's peak and the loss; then,
-    from the same gradients (none), generator states and offload counters, under the tracker.
-    The gradients left behind are one step's.
-    """
-    step = functools.partial(_one_step, model, batch, keep_outputs, loss_fn)
-    if meter == "cuda":
-        plain = _plain_cuda_step(model, batch, step)
-    tracker = LiveStorageTracker()
-    tracker.register(module_tensors(model))
-    tracker.register(batch.values())
-    weight_bytes = tracker.live
-    rss_start = _reset_peak_rss()
-    with tracker:
-        loss = step(tracker.mark)
-    metrics = {
-        "peak_bytes": tracker.peak,
-        "peak_gib": tracker.peak / GiB,
-        "peak_phase": tracker.peak_phase,
-        "peak_op": tracker.peak_op,
-        "peak_tensors": tracker.peak_tensors,
-        "phase_peak_bytes": dict(tracker.phase_peaks),
-        "resident_bytes": weight_bytes,  # parameters, buffers and the batch before the step
-        "loss": None if meter == "simulated" else float(loss.detach()),
-    }
-    if meter == "cuda":
-        metrics["tracked_peak_bytes"] = metrics["peak_bytes"]
-        metrics.update(plain, peak_gib=plain["peak_bytes"] / GiB)
-    if meter == "cpu":
-        metrics["rss_start_bytes"] = rss_start
-        metrics["peak_rss_bytes"] = _peak_rss()
-    return metrics
-
-
-def _one_step(model, batch, keep_outputs, loss_fn, mark=lambda phase: None) -> torch.Tensor:
-    """Forward + loss + backward; `mark(phase)` names what follows. Returns the loss."""
-    mark("forward")
-    loss, out = loss_fn(model, batch) if loss_fn else _model_loss(model, batch)
-    if not keep_outputs:
-        del out
-    mark("backward")
-    loss.backward()
-    return loss
-
-
-def _plain_cuda_step(model: torch.nn.Module, batch: dict, step) -> dict:
-    """The allocator's peaks and the loss of `step()` run with no dispatch mode; then undo what
-    the step left, so that a second run starts where this one did."""
-    devices = sorted({t.device.index for t in batch.values() if t.device.type == "cuda"})
-    counters = [(s, dict(s.stats)) for s in _stores(model)]
-    state = checkpointing_of(model)
-    recompute_s = state.recompute_s if state is not None else 0.0
-    with torch.random.fork_rng(devices=devices):  # run 2 draws what run 1 drew (LoRA dropout)
-        torch.cuda.reset_peak_memory_stats()
-        loss = float(step().detach())
-        peaks = {
-            "peak_bytes": torch.cuda.max_memory_allocated(),
-            "reserved_peak_bytes": torch.cuda.max_memory_reserved(),
-        }
-    # what a step leaves: gradients (parameters, LoRA or not, and a batch leaf such as
-    # study.py's hidden states) and offload counters; a complete backward has consumed every
-    # stored layer input and cached output, and streamed weights are kept by design
-    for t in [*model.parameters(), *batch.values()]:
-        t.grad = None
-    for c, before in counters:
-        c.stats.update(before)
-    if state is not None:
-        state.recompute_s = recompute_s
-    return {**peaks, "loss": loss}
-
-
-def _stores(model: torch.nn.Module) -> list:
-    state = checkpointing_of(model)
-    return [s for s in (state.store, state.weights) if s is not None] if state else []
-
-
 def allocator_peak_bytes(step) -> int:
     """Peak bytes the CPU allocator itself reports while `step()` runs, above where it started.
 
@@ -281,11 +197,6 @@ def allocator_peak_bytes(step) -> int:
     return peak
 
 
-def _model_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, object]:
-    out = model(**batch)
-    return out.loss, out
-
-
 class ProcessRss:
     """The whole process's resident memory around a measured step, no phase hidden by a reset.
 
@@ -295,11 +206,11 @@ class ProcessRss:
     the three beside the run's peak (the largest of them)."""
 
     def start(self) -> None:
-        self.before_peak = _peak_rss()
-        self.baseline = _reset_peak_rss()
+        self.before_peak = peak_rss()
+        self.baseline = reset_peak_rss()
 
     def setup_done(self) -> None:
-        self.setup_peak = _peak_rss()
+        self.setup_peak = peak_rss()
 
     def figures(self, step_peak: int) -> dict:
         return {
@@ -310,7 +221,7 @@ class ProcessRss:
         }
 
 
-def _reset_peak_rss() -> int:
+def reset_peak_rss() -> int:
     """Reset the kernel's RSS high-water mark (Linux >= 4.0) and return the current RSS."""
     with contextlib.suppress(OSError):
         with open("/proc/self/clear_refs", "w") as f:
@@ -318,7 +229,7 @@ def _reset_peak_rss() -> int:
     return _status_bytes("VmRSS") or 0
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     hwm = _status_bytes("VmHWM")
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

@@ -1,4 +1,4 @@
-"""One training step: which rows, forward + backward over micro-batches, its peak memory; and
+"""One training step: which rows, forward + backward over micro-batches; and
 the evaluation pass (exact loss, eval mode, no_grad).
 
 Data order: epoch e's order is a permutation of the rows drawn from (seed, e), and micro-batch p
@@ -12,19 +12,12 @@ over all N tokens, which is what one batch of grad_accum x B rows gives (equal w
 summation order; tests: rtol 1e-5). Dividing by grad_accum instead would weight each token of
 a short reply more than one of a long reply.
 
-Memory: the meter watches the whole step, optimizer included. AdamW keeps two FP32 moments per
-trainable parameter, created in the first step and resident from then on. Llama-3.2 3B, r = 16
-on q_proj and v_proj: 4.59e6 x (4 B weight + 4 B gradient + 8 B moments) = 70 MiB, small beside
-the activations, so the peak usually falls in backward, which from step 2 on carries the
-moments too. `cpu`: lowmem.memory's LiveStorageTracker, one for the whole run, its peak reset
-at each step (storages that exist before it, parameters, batches, optimizer state loaded from
-a checkpoint, are registered); `cuda`: torch.cuda.max_memory_allocated, reset at each step.
+Memory: `lowmem.meter.StepMeter` watches each step, optimizer included.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -32,7 +25,6 @@ from datasets import Dataset
 
 from lowmem.config import StackConfig
 from lowmem.loss import compute_loss
-from lowmem.memory import LiveStorageTracker, module_tensors
 from lowmem.reference import trainable_positions
 
 COLUMNS = ("input_ids", "labels")
@@ -97,50 +89,6 @@ def accumulate(
         (loss * (n / total)).backward()
         loss_sum += float(loss.detach()) * n
     return (loss_sum / total if total else float("nan")), total
-
-
-class StepMeter:
-    """Peak bytes of whole training steps: LiveStorageTracker (cpu) or the CUDA allocator."""
-
-    def __init__(self, meter: str, model: torch.nn.Module, optimizer, steps: int = 0) -> None:
-        self.meter = meter
-        self.remaining = steps or None  # None: measure every step
-        self.measured = False
-        self.tracker = LiveStorageTracker() if meter == "cpu" else None
-        if self.tracker is not None:  # what exists before the first measured step
-            self.tracker.register(module_tensors(model))
-            for state in optimizer.state.values():  # loaded from a checkpoint
-                self.tracker.register(state.values())
-
-    @contextlib.contextmanager
-    def step(self, batches: list[dict[str, torch.Tensor]]) -> Iterator[None]:
-        self.measured = self.remaining != 0
-        if not self.measured:
-            yield
-            return
-        if self.remaining:
-            self.remaining -= 1
-        if self.tracker is None:
-            torch.cuda.reset_peak_memory_stats()
-            yield
-            return
-        t = self.tracker
-        t.peak, t.peak_phase, t.phase_peaks = t.live, "start", {}
-        for batch in batches:
-            t.register(batch.values())
-        with t:
-            yield
-
-    def mark(self, phase: str) -> None:
-        if self.tracker is not None and self.measured:
-            self.tracker.mark(phase)
-
-    def result(self) -> dict:
-        if not self.measured:
-            return {"peak_bytes": None, "peak_phase": None}
-        if self.tracker is None:
-            return {"peak_bytes": torch.cuda.max_memory_allocated(), "peak_phase": None}
-        return {"peak_bytes": self.tracker.peak, "peak_phase": self.tracker.peak_phase}
 
 
 @torch.no_grad()

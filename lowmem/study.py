@@ -24,7 +24,8 @@ import torch
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import StackConfig
 from lowmem.loss import compute_loss
-from lowmem.memory import measure_step, meter_context
+from lowmem.memory import meter_context
+from lowmem.meter import measure_step
 from lowmem.models import build_model, load_config
 from lowmem.quant_linear import QuantLinear
 from lowmem.reference import causal_lm_loss

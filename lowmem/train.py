@@ -46,6 +46,7 @@ from transformers import get_scheduler
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import StackConfig, check_types, parse_spec, parse_value
 from lowmem.loss import check_token_ids
+from lowmem.meter import StepMeter
 from lowmem.models import build_model
 from lowmem.resume import (
     append_log,
@@ -59,7 +60,7 @@ from lowmem.resume import (
     write_json,
 )
 from lowmem.stack import apply_stack
-from lowmem.step import COLUMNS, BatchOrder, StepMeter, accumulate, evaluate
+from lowmem.step import COLUMNS, BatchOrder, accumulate, evaluate
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 TRAIN_METERS = ("cpu", "cuda")

@@ -6,7 +6,8 @@ from lowmem.bench import run_cell
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import ROWS, StackConfig, parse_spec
 from lowmem.loss import compute_loss
-from lowmem.memory import LiveStorageTracker, allocator_peak_bytes, measure_step, meter_context
+from lowmem.memory import LiveStorageTracker, allocator_peak_bytes, meter_context
+from lowmem.meter import measure_step
 from lowmem.models import build_model
 from lowmem.stack import apply_stack, benchmark_batch
 

@@ -11,7 +11,7 @@ from peft import PeftModel
 from lowmem import assets, resume
 from lowmem.__main__ import main
 from lowmem.loss import compute_loss
-from lowmem.memory import measure_step
+from lowmem.meter import measure_step
 from lowmem.models import build_model
 from lowmem.step import BatchOrder, accumulate, to_batch
 from lowmem.train import TrainConfig, make_config, train, training_model
