@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +28,7 @@ import seaborn as sns  # noqa: E402
 
 from lowmem import paper, results  # noqa: E402
 from lowmem.config import LABELS, ROWS  # noqa: E402
+from lowmem.files import new_file  # noqa: E402
 
 A100_GIB = paper.A100_BYTES / 2**30
 WATERFALL_CONTEXT = 2048
@@ -142,13 +142,11 @@ def draw_all() -> list[Path]:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    """Write the PNG next to its final name, then rename: never a half-written figure."""
+    """Write the PNG whole or not at all (`lowmem.files.new_file`): never a half-written figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
     try:
-        fig.savefig(partial, dpi=120, bbox_inches="tight", format="png")
-        os.replace(partial, path)
+        with new_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-        partial.unlink(missing_ok=True)
     return path

@@ -41,17 +41,24 @@ def folder_mode() -> int:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) as `path`: a temporary file beside it, given the policy's mode, then
-    a rename, so `path` is either the old file or the whole new one."""
+    """Write `text` (UTF-8) as `path`, whole or not at all (`new_file`)."""
+    with new_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def new_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer to fill; when the block ends it gets the
+    policy's mode and is renamed to `path`, so `path` is either the old file or the whole new
+    one. On failure the temporary file is removed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield Path(tmp)
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def temp_folder(path: Path) -> Path:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -44,6 +42,7 @@ from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from lowmem import assets
 from lowmem.architectures import ARCHITECTURES, Architecture
+from lowmem.files import new_file
 
 
 class ModelError(ValueError):
@@ -293,15 +292,8 @@ def _qwen_tokenizer(ranks: Path) -> PreTrainedTokenizerFast:
         )
         tokenizer = converter.converted()
         tokenizer.normalizer = normalizers.NFC()  # as the published Qwen2 tokenizer.json
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".tokenizer-", suffix=".json")
-        os.close(fd)
-        try:
-            tokenizer.save(tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, cached)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with new_file(cached) as tmp:
+            tokenizer.save(str(tmp))
     tok = PreTrainedTokenizerFast(
         tokenizer_file=str(cached), eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
