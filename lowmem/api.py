@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 import weakref
 
 import torch
@@ -111,6 +112,21 @@ class Prepared:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
+        """What `Trainer(activation_checkpointing=True)` (or gradient_checkpointing) calls: left
+        to transformers in the rows without lowmem's checkpointing; a no-op with a warning in
+        the rows with it, which already checkpoint every layer (and offload what they keep)."""
+        if self.lowmem_config.enabled("checkpoint"):
+            warnings.warn(
+                f"the {self.lowmem_config.stack!r} profile already checkpoints every decoder "
+                "layer (lowmem.checkpoint); transformers' activation checkpointing is left off",
+                stacklevel=2,
+            )
+            return
+        base_model(self).activation_checkpointing_enable(*args, **kwargs)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the name before v5
 
     def merge_and_unload(self, *args, **kwargs):
         raise NotImplementedError(

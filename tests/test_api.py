@@ -14,7 +14,8 @@ import lowmem
 from lowmem import assets
 from lowmem.config import ROWS
 from lowmem.loss import compute_loss
-from lowmem.memory import LiveStorageTracker, measure_step, module_tensors
+from lowmem.memory import LiveStorageTracker, module_tensors
+from lowmem.meter import measure_step
 from lowmem.models import build_model, count_parameters
 
 OWN_HEAD = ("softmax_approx", "logits_mask", "best")
@@ -71,10 +72,11 @@ def padded(seqs, side):
     return {k: torch.cat(v) for k, v in rows.items()}
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen", "tiny-mistral"])
 @pytest.mark.parametrize("profile", ROWS)
-def test_left_and_right_padding_give_the_loss_of_the_unpadded_sequences(profile):
+def test_left_and_right_padding_give_the_loss_of_the_unpadded_sequences(profile, name):
     """Token-weighted mean of each sequence's own loss; rtol 1e-5 (FP32, other batch shapes)."""
-    model = tiny(profile)
+    model = tiny(profile, name)
     seqs = tokens(model.config.vocab_size, 40, 64)
     total, count = 0.0, 0
     for ids, labels in seqs:
@@ -226,3 +228,20 @@ def test_a_stock_trainer_fine_tunes_smollm2_at_the_best_peak(tmp_path):
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.5, losses
     logits = 2 * 128 * model.config.vocab_size * 4  # what the Hugging Face head would hold
     assert own_peak <= tracker.peak <= own_peak + 3 * trainable + logits / 8
+
+
+def test_activation_checkpointing_is_left_to_lowmem_where_the_profile_checkpoints():
+    model = tiny("best")
+    layer = model.get_base_model().model.layers[0]
+    forward = layer.forward
+    with pytest.warns(UserWarning, match="'best' profile already checkpoints every decoder"):
+        model.activation_checkpointing_enable()
+    assert layer.forward == forward and not model.get_base_model().is_activation_checkpointing
+    plain = tiny("lora")
+    plain.gradient_checkpointing_enable()
+    assert plain.get_base_model().is_activation_checkpointing
+
+
+def test_merge_and_unload_points_to_lowmem_merge():
+    with pytest.raises(NotImplementedError, match=r"lowmem.merge\(model, out_dir\)"):
+        tiny("best").merge_and_unload()
