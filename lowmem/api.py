@@ -18,7 +18,8 @@ training code gives it positions shifted by its padding). Pad positions must car
 Under `transformers.Trainer`: the forward takes `num_items_in_batch` (the Trainer passes the
 token count of the whole accumulated step), and the loss is then the sum over this batch's
 tokens divided by it, as the Hugging Face loss does, so gradient accumulation weighs tokens,
-not micro-batches.
+not micro-batches; a micro-batch with no trainable token then adds 0 (not the NaN of a mean
+over nothing).
 
 The model owns its offload stores (disk files under `offload_dir`): `with lowmem.prepare(...)
 as model:` or `model.close()` removes them; so does garbage collection of the model.
@@ -160,9 +161,12 @@ def _loss_forward(hf: PreTrainedModel, cfg: StackConfig):
         n_items = kwargs.pop("num_items_in_batch", None)
         for name in ("return_dict", "logits_to_keep", "output_attentions", "output_hidden_states"):
             kwargs.pop(name, None)
+        n = (labels[:, 1:] != IGNORE_INDEX).sum()
+        if n_items is not None and not n:  # this micro-batch's share of the step's sum: none
+            zero = input_ids.new_zeros((), dtype=torch.float32).requires_grad_()
+            return CausalLMOutputWithPast(loss=zero)  # a loop may call backward on it
         loss = own_head_loss(model, {**inputs, **kwargs, "labels": labels}, cfg)
         if n_items is not None:  # the Trainer's token count of the whole accumulated step
-            n = (labels[:, 1:] != IGNORE_INDEX).sum()
             loss = loss * (n / n_items)
         return CausalLMOutputWithPast(loss=loss)
 

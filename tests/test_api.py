@@ -100,6 +100,17 @@ def test_num_items_in_batch_makes_the_loss_a_sum_over_the_whole_step():
     assert float(summed) == pytest.approx(float(mean) / 3, rel=1e-6)
 
 
+@pytest.mark.parametrize("profile", OWN_HEAD)
+def test_a_micro_batch_without_trainable_tokens_adds_zero_to_the_step(profile):
+    """As the Hugging Face loss does under the Trainer: sum / num_items_in_batch = 0, not NaN."""
+    model = tiny(profile)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    out = model(input_ids=ids, labels=torch.full_like(ids, -100), num_items_in_batch=10)
+    assert float(out.loss) == 0.0
+    out.loss.backward()  # what the Trainer does with it
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_save_pretrained_writes_a_stock_adapter(tmp_path):
     model = tiny("best")
     for name, p in model.named_parameters():
