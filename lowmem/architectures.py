@@ -5,8 +5,8 @@ replaces the MLP's forward (and takes the post-attention norm into its tiles), t
 swaps every RMSNorm's backward. Each needs to know where those parts are, and the tiled MLP
 also relies on a fact about the layer's wiring: that the MLP output is read by nothing but the
 residual add that ends the layer, so a recompute whose output values nobody reads may skip
-computing them (`lowmem.tiled_mlp.values_unused`). Those facts are stated here, per Hugging Face
-`model_type`, instead of being inferred from class names in each technique.
+computing them (`lowmem.tiled_mlp._Tiles.values_unused`). Those facts are stated here, per
+Hugging Face `model_type`, instead of being inferred from class names in each technique.
 
 A family enters the table only when its layers are what the techniques assume: a token
 embedding used as is (the quantized embedding replaces the module), pre-norm RMSNorm decoder

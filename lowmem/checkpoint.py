@@ -20,29 +20,34 @@ buffer of one T x D input and one layer's INT4 weights (63 MB on Llama). `best` 
 reading each when its layer starts, and streams the tied embedding / LM head as well
 (`lowmem.vocab_stream`). The recompute's output only roots the layer's backward, so its
 T x D values are freed before that backward starts (autograd runs from its graph node), and a
-tiled MLP does not compute them at all (`lowmem.tiled_mlp.values_unused`). A layer's MLP
-weights are released as soon as the MLP's backward is done: the attention backward that
-follows runs without them (45 MiB of INT4 codes and scales on Llama).
+tiled MLP does not compute them at all (the layer's tiles, `lowmem.tiled_mlp`, are told so
+for the recompute). A layer's MLP weights are released as soon as the MLP's backward is done:
+the attention backward that follows runs without them (45 MiB of INT4 codes and scales on
+Llama). Weights move only through `lowmem.weights.StreamedWeights` (one store entry a layer).
 
 Selective activation caching (`cache_policy`) names frozen linear layers whose outputs are kept
 in the store during forward; the recompute then reads them instead of running those matmuls,
-and their input gradient is grad_y W, which needs the weight, not the activation. Policies:
+and their input gradient is grad_y W, which needs the weight, not the activation
+(`lowmem.weights.frozen_matmul` with the cached y). Any frozen layer with a
+`lowmem.weights.FrozenWeight` is streamed and can be cached. Policies:
 "none", "attention" (q, k, v, o projections), "mlp" (gate, up, down), "all_linear".
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 
 import torch
 
+from lowmem.architectures import Architecture
 from lowmem.models import architecture_of, base_model
 from lowmem.offload import make_store, reclaim
-from lowmem.quant_linear import QuantLinear, input_grad
 from lowmem.rng import replayed_rng, saved_rng
-from lowmem.tiled_mlp import values_unused
+from lowmem.tiled_mlp import tiles_of
 from lowmem.vocab_stream import stream_vocab
+from lowmem.weights import FrozenWeight, StreamedWeights, frozen_matmul
 
 POLICIES = {
     "none": (),
@@ -87,15 +92,19 @@ class CheckpointedLayer:
     The layer stays where it is, so parameter names (and saved adapters) do not change.
     """
 
-    def __init__(self, layer: torch.nn.Module, index: int, state: Checkpointing, mlp: str) -> None:
+    def __init__(
+        self, layer: torch.nn.Module, index: int, state: Checkpointing, arch: Architecture
+    ) -> None:
         self.layer, self.index = layer, index
         self.inner_forward = layer.forward
         self._state = weakref.ref(state)  # the model owns the state, not the other way round
-        self.streamed: dict[str, torch.nn.Module] = {}
+        self.tiles = tiles_of(layer, arch)  # its tiled MLP, told when its output is unused
+        self.weights = None  # the frozen weights, in the weight store between uses
         if state.weights is not None:
-            self._offload_weights(state.weights)
-        self.mlp_name = mlp  # its streamed weights are released after its backward
-        if any(name.startswith(f"{mlp}.") for name in self.streamed):
+            frozen = {n: m for n, m in layer.named_modules() if isinstance(m, FrozenWeight)}
+            self.weights = StreamedWeights(frozen, state.weights, f"w{index}")
+        self.mlp_name = mlp = arch.mlp  # its streamed weights are released after its backward
+        if self.weights is not None and any(n.startswith(f"{mlp}.") for n in self.weights.weights):
             layer.get_submodule(mlp).register_forward_pre_hook(self._release_mlp_after_its_backward)
         layer.forward = self.forward
         layer.lowmem_checkpoint = self
@@ -104,31 +113,17 @@ class CheckpointedLayer:
         params = [p for p in self.layer.parameters() if p.requires_grad]
         return _LayerCheckpoint.apply(hidden_states, (self, kwargs), *params)
 
-    # weight streaming: the frozen buffers of quantized linears live in the weight store
-    def _offload_weights(self, weights) -> None:
-        entry = {}
-        for name, module in self.layer.named_modules():
-            if isinstance(module, QuantLinear):
-                self.streamed[name] = module
-                for b, t in module.named_buffers(recurse=False):
-                    entry[f"{name}.{b}"] = t
-                    module._buffers[b] = None
-        if entry:
-            weights.put(f"w{self.index}", entry)
-
     def load_weights(self) -> None:
-        state = self._state()
-        if self.streamed and state.weights is not None:
-            entry = state.weights.get(f"w{self.index}", keep=True)
-            for key, t in entry.items():
-                name, _, b = key.rpartition(".")
-                self.streamed[name]._buffers[b] = t
+        if self.weights is not None:
+            self.weights.load()
 
     def unload_weights(self, prefix: str = "") -> None:
-        for name, module in self.streamed.items():
-            if name.startswith(prefix):
-                for b in module._buffers:
-                    module._buffers[b] = None
+        if self.weights is not None:
+            self.weights.release(prefix)
+
+    def outputs_unused(self):
+        """For the recompute: its tiled MLP need not compute values nobody reads."""
+        return contextlib.nullcontext() if self.tiles is None else self.tiles.values_unused()
 
     def _release_mlp_after_its_backward(self, mlp, args) -> None:
         # the MLP input's gradient is complete once every MLP node has run backward
@@ -163,7 +158,7 @@ class _LayerCheckpoint(torch.autograd.Function):
         # the weights stay loaded through this layer's backward (a tiled MLP recomputes there)
         with _weights_of(wrapper):
             with torch.enable_grad(), _mode(state, "replay"), replayed_rng(ctx.rng):
-                with values_unused():
+                with wrapper.outputs_unused():
                     out = wrapper.inner_forward(hidden, **kwargs)
             state.recompute_s += time.perf_counter() - start
             # back-propagate from out's graph node, not from out: its T x D values are not
@@ -201,17 +196,21 @@ class _weights_of:
 
 def _prefetch_weights(state: Checkpointing, index: int) -> None:
     if state.prefetch and state.weights is not None and 0 <= index < len(state.layers):
-        if state.layers[index].streamed:
-            state.weights.prefetch(f"w{index}")
+        state.layers[index].weights.prefetch()
 
 
 class CachedLinear(torch.nn.Module):
-    """A frozen (quantized) linear whose output is recorded in forward, replayed in recompute."""
+    """A frozen linear (with a `frozen` weight) whose output is recorded in forward and
+    replayed in the recompute; backward is grad_y W from the weight."""
 
-    def __init__(self, inner: QuantLinear, key: str, state: Checkpointing) -> None:
+    def __init__(self, inner: torch.nn.Module, key: str, state: Checkpointing) -> None:
         super().__init__()
         self.inner, self.key, self._state = inner, key, weakref.ref(state)
         self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    @property
+    def frozen(self) -> FrozenWeight:
+        return self.inner.frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self._state()
@@ -221,26 +220,9 @@ class CachedLinear(torch.nn.Module):
             return y
         if state.mode == "replay":
             y = state.store.get(self.key)["y"]
-            q = self.inner
-            return _ReplayLinear.apply(
-                x, y, q.codes, q.scales, q.zeros, q.bits, q.group_size, q.chunk
-            )
+            chunk = getattr(self.inner, "chunk", 0)
+            return frozen_matmul(x, self.inner.frozen, chunk, cached=y)
         return self.inner(x)
-
-
-class _ReplayLinear(torch.autograd.Function):
-    """Returns the cached y; backward gives grad_x = grad_y W, W dequantized on the spot."""
-
-    @staticmethod
-    def forward(ctx, x, y, codes, scales, zeros, bits, group, chunk):
-        ctx.save_for_backward(codes, scales, zeros)
-        ctx.fmt = (bits, group, chunk)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        grad_x = input_grad(grad_y, *ctx.saved_tensors, *ctx.fmt)
-        return grad_x, None, None, None, None, None, None, None
 
 
 def apply_checkpoint(
@@ -259,6 +241,10 @@ def apply_checkpoint(
     prefetch=False reads each layer's input and weights only when its backward starts (no
     second layer on the device); vocab_chunk > 0 also streams the quantized embedding / LM head
     in chunks of that many rows (`lowmem.vocab_stream`; needs stream_weights).
+
+    Comes last (as in `lowmem.stack.apply_stack`): the layers it finds are the ones it streams
+    and caches, so quantize and tile first; `apply_quantize` and `apply_tiled_mlp` refuse a
+    checkpointed model.
     """
     if cache_policy not in POLICIES:
         raise ValueError(f"bad cache_policy={cache_policy!r}: must be one of {tuple(POLICIES)}")
@@ -269,7 +255,7 @@ def apply_checkpoint(
     weakref.finalize(base, state.close)  # files go when the model goes, or at exit
     for i, layer in enumerate(layers):
         _wrap_cached_linears(layer, i, POLICIES[cache_policy], state)
-        state.layers.append(CheckpointedLayer(layer, i, state, arch.mlp))
+        state.layers.append(CheckpointedLayer(layer, i, state, arch))
     if vocab_chunk and state.weights is not None:
         stream_vocab(model, state.weights, vocab_chunk)
     base.lowmem_checkpointing = state
@@ -288,7 +274,7 @@ def _wrap_cached_linears(layer, index, names, state) -> None:
     for name, module in list(layer.named_modules()):
         leaf = name.rpartition(".")[2]
         parent_name = name.rpartition(".")[0]
-        if isinstance(module, QuantLinear) and (
+        if isinstance(getattr(module, "frozen", None), FrozenWeight) and (
             leaf in names or (leaf == "base_layer" and parent_name.rpartition(".")[2] in names)
         ):
             setattr(

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.quant_linear import QuantLinear, rows_of
 from lowmem.reference import IGNORE_INDEX
+from lowmem.weights import frozen_weight
 
 
 def head_rows(head: torch.nn.Module, start: int, stop: int) -> torch.Tensor:
-    """FP32 rows start:stop of a (quantized) LM head weight, C x D."""
-    if isinstance(head, QuantLinear):
-        return rows_of(head, start, stop)
-    return head.weight[start:stop].detach()
+    """FP32 rows start:stop of a frozen LM head's weight (dense, quantized or streamed), C x D."""
+    return frozen_weight(head).rows(start, stop)
 
 
 def fused_cross_entropy(

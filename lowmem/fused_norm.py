@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.models import architecture_of, base_model
+from lowmem.tiled_mlp import tiled_norms
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,13 +53,16 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def apply_fused_norm(model: torch.nn.Module) -> int:
-    """Swap the backward of every RMSNorm (decoder layers and the final norm); returns the count."""
+    """Swap the backward of every RMSNorm (decoder layers and the final norm); returns the count.
+
+    Norms that a tiled MLP runs (`lowmem.tiled_mlp.tiled_norms`) are left alone: T x D never
+    exists there; applied before tiling, the tiles take those norms back (either order works).
+    """
     norm_class = architecture_of(model).norm_class
+    inside_tiles = {id(m) for m in tiled_norms(model)}
     count = 0
     for module in base_model(model).modules():
-        if getattr(module, "lowmem_tiled", False):
-            continue  # runs inside the MLP's tiles (lowmem.tiled_mlp), T x D never whole
-        if isinstance(module, norm_class):
+        if isinstance(module, norm_class) and id(module) not in inside_tiles:
             module.forward = lambda x, m=module: rms_norm(x, m.weight, m.variance_epsilon)
             count += 1
     return count

@@ -31,8 +31,7 @@ from transformers import AutoModelForCausalLM
 from lowmem.checkpoint import CachedLinear
 from lowmem.files import new_folder
 from lowmem.models import base_model
-from lowmem.quant_linear import QuantEmbedding, QuantLinear, rows_of
-from lowmem.quantize_bnb import BnbLinear4bit
+from lowmem.weights import DenseWeight, frozen_weight
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -120,12 +119,6 @@ def _merged(hf: torch.nn.Module, key: str) -> torch.Tensor:
 def dense_weight(module: torch.nn.Module) -> torch.Tensor:
     """The FP32 weight a frozen (quantized, streamed, bitsandbytes or plain) module computes
     with, as a new tensor."""
-    if isinstance(module, QuantEmbedding):
-        module = module.linear
-    if isinstance(module, QuantLinear):
-        return rows_of(module, 0, module.out_features)
-    if isinstance(module, BnbLinear4bit):
-        from bitsandbytes.functional import dequantize_4bit
-
-        return dequantize_4bit(module.packed, module.quant_state).float()
-    return module.weight.detach().float().clone()
+    weight = frozen_weight(module)
+    rows = weight.rows(0, weight.shape[0]).float()
+    return rows.clone() if isinstance(weight, DenseWeight) else rows  # dense rows are views

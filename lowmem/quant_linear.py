@@ -1,146 +1,117 @@
 """Technique 1, applied: quantized layers that dequantize on the fly, and the model patcher.
 
-`QuantLinear` / `QuantEmbedding` keep a base weight in the `lowmem.quantize` format and expand
-it only when it is used; `apply_quantize` swaps them into a model (the decoder linears, the
-embedding and the LM head; a tied head shares the embedding's buffers).
+`QuantLinear` / `QuantEmbedding` keep a base weight in the `lowmem.quantize` format (a
+`lowmem.weights.PackedWeight`) and expand it only when it is used; `apply_quantize` swaps them
+into a model (the decoder linears, the embedding and the LM head; a tied head shares the
+embedding's weight).
 
 A weight is dequantized whole, to FP32, just before its matmul and freed right after; backward
-dequantizes it again for the input gradient (`_DequantLinear`), so no FP32 copy is ever kept
-for backward. `best` dequantizes C output rows at a time instead (`chunk`): the transient is
-C x D_in x 4 B, 32 MiB for a 1024-row chunk of Llama's down_proj, not 96 MiB. Whole, the
-largest transient is the tied 128256 x 3072 LM head: 1.47 GiB of FP32 plus one nibble of
-each code (0.18 GiB of uint8) while they are converted. An embedding lookup dequantizes only
-the T rows it gathers.
+dequantizes it again for the input gradient (`lowmem.weights.frozen_matmul`), so no FP32 copy
+is ever kept for backward. `best` dequantizes C output rows at a time instead (`chunk`, given
+when the layer is built): the transient is C x D_in x 4 B, 32 MiB for a 1024-row chunk of
+Llama's down_proj, not 96 MiB. Whole, the largest transient is the tied 128256 x 3072 LM head:
+1.47 GiB of FP32 plus one nibble of each code (0.18 GiB of uint8) while they are converted. An
+embedding lookup dequantizes only the T rows it gathers. Where the weight's rows come from can
+change once, to a store (`use_weight`, `lowmem.vocab_stream`); the layer computes the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from lowmem.models import base_model
-from lowmem.quantize import BACKENDS, QuantizedWeight, _expand, dequantize_rows, quantize
-
-
-class _DequantLinear(torch.autograd.Function):
-    """y = x W^T with W dequantized for the matmul only; backward dequantizes it again.
-
-    chunk > 0 dequantizes `chunk` output rows at a time instead of the whole matrix.
-    """
-
-    @staticmethod
-    def forward(ctx, x, codes, scales, zeros, bits, group, chunk=0, values=True):
-        ctx.save_for_backward(codes, scales, zeros)  # the packed weight: already resident
-        ctx.fmt, ctx.chunk = (bits, group), chunk
-        if not values:  # the caller reads only the input gradient (lowmem.tiled_mlp)
-            return x.new_empty(*x.shape[:-1], codes.shape[0])
-        if not chunk:
-            return x @ _expand(codes, scales, zeros, bits, group).T
-        y = x.new_empty(*x.shape[:-1], codes.shape[0])
-        for a in range(0, codes.shape[0], chunk):  # one C x D_in chunk alive at a time
-            w = _expand(*_rows(codes, scales, zeros, a, a + chunk), bits, group).T
-            torch.matmul(x, w, out=y[..., a : a + chunk])
-            del w
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        grad_x = input_grad(grad_y, *ctx.saved_tensors, *ctx.fmt, ctx.chunk)
-        return grad_x, None, None, None, None, None, None, None
-
-
-def input_grad(grad_y, codes, scales, zeros, bits: int, group: int, chunk: int = 0):
-    """grad_x = grad_y W for a packed W, dequantized whole or `chunk` rows at a time."""
-    if not chunk:
-        return grad_y @ _expand(codes, scales, zeros, bits, group)
-    g = grad_y.reshape(-1, codes.shape[0])  # accumulated in place: no second T x D_in buffer
-    grad_x = g.new_zeros(g.shape[0], codes.shape[1] * 8 // bits)
-    for a in range(0, codes.shape[0], chunk):
-        grad_x.addmm_(
-            g[:, a : a + chunk], _expand(*_rows(codes, scales, zeros, a, a + chunk), bits, group)
-        )
-    return grad_x.reshape(*grad_y.shape[:-1], -1)
-
-
-def rows_of(qlin: QuantLinear, start: int, stop: int) -> torch.Tensor:
-    """FP32 rows start:stop of a quantized linear's weight; nothing else expands."""
-    if qlin.stream is not None:
-        return qlin.stream.rows(start, stop)
-    return _expand(
-        *_rows(qlin.codes, qlin.scales, qlin.zeros, start, stop), qlin.bits, qlin.group_size
-    )
-
-
-def _rows(codes, scales, zeros, start, stop):
-    return codes[start:stop], scales[start:stop], None if zeros is None else zeros[start:stop]
+from lowmem.quantize import BACKENDS, QuantizedWeight, quantize
+from lowmem.weights import FrozenWeight, PackedWeight, frozen_matmul
 
 
 class QuantLinear(torch.nn.Module):
-    """A frozen linear layer stored quantized; drop-in for `nn.Linear` (LoRA wraps it)."""
+    """A frozen linear layer stored quantized; drop-in for `nn.Linear` (LoRA wraps it).
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+    chunk: output rows dequantized at a time; 0 = the whole matrix (the paper).
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, chunk: int = 0):
         super().__init__()
+        if chunk < 0:
+            raise ValueError(f"bad dequant chunk={chunk}: must be >= 0 (0 = the whole matrix)")
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size = qw.bits, qw.group_size
-        self.chunk = 0  # output rows dequantized at a time; 0 = the whole matrix (the paper)
-        self.stream = None  # a lowmem.vocab_stream.VocabStream when the rows live in a store
-        self.values_needed = True  # False: forward returns uninitialised values, exact grads
-        self.register_buffer("codes", qw.codes)
-        self.register_buffer("scales", qw.scales)
-        self.register_buffer("zeros", qw.zeros)
-        self.register_buffer("bias", None if bias is None else bias.detach())
+        self.chunk = chunk
+        self.frozen: FrozenWeight = PackedWeight(qw, bias)
+        self._values_needed = True
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, bits=4, group_size=32, symmetric=True):
-        return cls(quantize(linear.weight, bits, group_size, symmetric), linear.bias)
+    def from_linear(
+        cls, linear: torch.nn.Linear, bits=4, group_size=32, symmetric=True, chunk: int = 0
+    ) -> QuantLinear:
+        return cls(quantize(linear.weight, bits, group_size, symmetric), linear.bias, chunk)
 
     @property
     def qweight(self) -> QuantizedWeight:
-        shape = (self.out_features, self.in_features)
-        return QuantizedWeight(
-            self.codes, self.scales, self.zeros, shape, self.bits, self.group_size
-        )
+        if not isinstance(self.frozen, PackedWeight):
+            raise ValueError(f"the weight is a {type(self.frozen).__name__}, not resident packed")
+        return self.frozen.packed()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.frozen.bias
 
     @property
     def nbytes(self) -> int:
-        return self.qweight.nbytes
+        return self.frozen.nbytes
+
+    @property
+    def values_needed(self) -> bool:
+        return self._values_needed
+
+    @contextlib.contextmanager
+    def values_unused(self) -> Iterator[None]:
+        """Within the block, forward returns uninitialised values; the input gradient stays
+        exact (for a caller that reads only gradients, `lowmem.tiled_mlp`)."""
+        previous, self._values_needed = self._values_needed, False
+        try:
+            yield
+        finally:
+            self._values_needed = previous
+
+    def use_weight(self, weight: FrozenWeight) -> None:
+        """Read the rows from `weight` from now on (the same values stored elsewhere)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"a {tuple(weight.shape)} weight cannot replace the "
+                f"{(self.out_features, self.in_features)} weight of this layer"
+            )
+        self.frozen = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stream is not None:
-            y = self.stream.linear(x)
-        else:
-            y = _DequantLinear.apply(
-                x,
-                self.codes,
-                self.scales,
-                self.zeros,
-                self.bits,
-                self.group_size,
-                self.chunk,
-                self.values_needed,
-            )
+        y = frozen_matmul(x, self.frozen, self.chunk, self._values_needed)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bits={self.bits}, group_size={self.group_size}"
+            f"bits={self.bits}, group_size={self.group_size}, chunk={self.chunk}"
         )
 
 
 class QuantEmbedding(torch.nn.Module):
     """A frozen embedding stored quantized; a lookup dequantizes only the rows it gathers."""
 
-    def __init__(self, qw: QuantizedWeight) -> None:
+    def __init__(self, qw: QuantizedWeight, chunk: int = 0) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = qw.shape
-        self.linear = QuantLinear(qw)  # shares its buffers with a tied LM head
+        self.linear = QuantLinear(qw, chunk=chunk)  # shares its weight with a tied LM head
+
+    @property
+    def frozen(self) -> FrozenWeight:
+        return self.linear.frozen
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.linear.stream is not None:
-            return self.linear.stream.lookup(ids)
-        return dequantize_rows(self.linear.qweight, ids)
+        return self.linear.frozen.gather(ids)
 
 
 @dataclass(frozen=True)
@@ -166,42 +137,58 @@ def apply_quantize(
     group_size: int = 32,
     symmetric: bool = True,
     backend: str = "lowmem",
+    chunk: int = 0,
 ) -> QuantReport:
     """Quantize every base linear of the decoder layers and the embedding / LM head, in place.
 
     Works on a plain Hugging Face causal LM or on a peft model: LoRA's `base_layer`s are
     quantized, its adapters stay FP32 and trainable. A tied LM head shares the embedding's
-    quantized buffers, so it is stored once. `backend` "bnb-nf4" / "bnb-fp4" quantizes the
-    decoder linears with bitsandbytes instead (`lowmem.quantize_bnb`).
+    quantized weight, so it is stored once. `backend` "bnb-nf4" / "bnb-fp4" quantizes the
+    decoder linears with bitsandbytes instead (`lowmem.quantize_bnb`). `chunk` > 0 dequantizes
+    that many output rows at a time in every lowmem layer (`QuantLinear`).
+
+    Comes before `apply_tiled_mlp` and `apply_checkpoint` (as in `lowmem.stack.apply_stack`):
+    they hold on to the layers they find, so a model they changed is refused.
     """
     if backend not in BACKENDS:
         raise ValueError(f"bad quant_backend={backend!r}: must be one of {BACKENDS}")
+    from lowmem.tiled_mlp import is_tiled  # tiled_mlp builds on this module's layers
+
     base = base_model(model)
+    for name, done in (
+        ("apply_checkpoint", hasattr(base, "lowmem_checkpointing")),
+        ("apply_tiled_mlp", is_tiled(model)),
+    ):
+        if done:
+            raise ValueError(
+                f"apply_quantize after {name}: it holds on to the layers it wrapped, which "
+                "would keep their FP32 weights; quantize first (the order of apply_stack)"
+            )
     head, emb = base.get_output_embeddings(), base.get_input_embeddings()
     tied = head.weight is emb.weight
     replaced = []  # (FP weight, its quantized module)
     for name, module in list(base.named_modules()):
         if isinstance(module, torch.nn.Linear) and module is not head and ".lora_" not in name:
-            q = _quantize_linear(module, bits, group_size, symmetric, backend)
+            q = _quantize_linear(module, bits, group_size, symmetric, backend, chunk)
             parent, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent), child, q)
             replaced.append((module.weight, q))
-    q_emb = QuantEmbedding(quantize(emb.weight, bits, group_size, symmetric))
+    q_emb = QuantEmbedding(quantize(emb.weight, bits, group_size, symmetric), chunk)
     base.set_input_embeddings(q_emb)
     replaced.append((emb.weight, q_emb.linear))
     if tied:
         base.set_output_embeddings(q_emb.linear)
     else:
-        q_head = QuantLinear.from_linear(head, bits, group_size, symmetric)
+        q_head = QuantLinear.from_linear(head, bits, group_size, symmetric, chunk)
         base.set_output_embeddings(q_head)
         replaced.append((head.weight, q_head))
     n = sum(w.numel() for w, _ in replaced)
     return QuantReport(n, 4 * n, sum(q.nbytes for _, q in replaced))
 
 
-def _quantize_linear(linear, bits, group_size, symmetric, backend) -> torch.nn.Module:
+def _quantize_linear(linear, bits, group_size, symmetric, backend, chunk) -> torch.nn.Module:
     if backend == "lowmem":
-        return QuantLinear.from_linear(linear, bits, group_size, symmetric)
+        return QuantLinear.from_linear(linear, bits, group_size, symmetric, chunk)
     from lowmem.quantize_bnb import BnbLinear4bit
 
     return BnbLinear4bit(linear, backend)

@@ -46,6 +46,15 @@ class QuantizedWeight:
         tensors = (self.codes, self.scales) + ((self.zeros,) if self.zeros is not None else ())
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """FP32 rows start:stop, (stop - start) x D_in; only those rows expand."""
+        if (start, stop) == (0, self.shape[0]):
+            return dequantize(self)
+        zeros = None if self.zeros is None else self.zeros[start:stop]
+        return _expand(
+            self.codes[start:stop], self.scales[start:stop], zeros, self.bits, self.group_size
+        )
+
 
 def check_format(shape: tuple[int, ...], bits: int, group_size: int) -> int:
     """Validate a weight shape + format; return the resolved group size."""

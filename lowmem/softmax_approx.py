@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from lowmem.fused_loss import chunked_logits, head_rows
-from lowmem.quant_linear import QuantEmbedding, QuantLinear
-from lowmem.quantize import dequantize_rows
 from lowmem.reference import IGNORE_INDEX
+from lowmem.weights import frozen_weight
 
 RULES = ("model_topk", "target_neighbors")
 VARIANTS = ("paper", "chunked")
@@ -87,20 +86,12 @@ def _with_target(candidates: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return torch.cat([candidates[:, :-1], last], dim=1)
 
 
-def _embedding_rows(source: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    if isinstance(source, QuantEmbedding):
-        return dequantize_rows(source.linear.qweight, rows)
-    if isinstance(source, QuantLinear):
-        return dequantize_rows(source.qweight, rows)
-    return source.weight[rows].detach()
-
-
 def _similarity(targets, source, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """Cosine similarity of each target's embedding to vocabulary rows start:stop."""
-    e_y = F.normalize(_embedding_rows(source, targets.clamp(min=0)), dim=1)
-    head = source.linear if isinstance(source, QuantEmbedding) else source
-    stop = head.out_features if stop is None else stop
-    return e_y @ F.normalize(head_rows(head, start, stop), dim=1).T
+    weight = frozen_weight(source)  # dense, quantized or streamed: the same rows
+    e_y = F.normalize(weight.gather(targets.clamp(min=0)), dim=1)
+    stop = weight.shape[0] if stop is None else stop
+    return e_y @ F.normalize(weight.rows(start, stop), dim=1).T
 
 
 def _chunked_topk(hidden, targets, head, embedding, rule, k, chunk) -> torch.Tensor:
@@ -149,7 +140,7 @@ class _SubsetLogits(torch.autograd.Function):
     def forward(ctx, hidden, subset, head, r):
         out = torch.empty(subset.shape, dtype=hidden.dtype, device=hidden.device)
         for a in range(0, hidden.shape[0], r):
-            w = _embedding_rows(head, subset[a : a + r])  # r x K x D
+            w = frozen_weight(head).gather(subset[a : a + r])  # r x K x D
             out[a : a + r] = torch.einsum("rd,rkd->rk", hidden[a : a + r], w)
         ctx.save_for_backward(hidden, subset)
         ctx.head, ctx.r = head, r
@@ -161,6 +152,6 @@ class _SubsetLogits(torch.autograd.Function):
         r = ctx.r
         grad_hidden = torch.empty_like(hidden)
         for a in range(0, hidden.shape[0], r):
-            w = _embedding_rows(ctx.head, subset[a : a + r])
+            w = frozen_weight(ctx.head).gather(subset[a : a + r])
             grad_hidden[a : a + r] = torch.einsum("rk,rkd->rd", grad_out[a : a + r], w)
         return grad_hidden, None, None, None

@@ -31,7 +31,7 @@ from lowmem.checkpoint import apply_checkpoint
 from lowmem.config import StackConfig
 from lowmem.fused_norm import apply_fused_norm
 from lowmem.models import check_architecture
-from lowmem.quant_linear import QuantLinear, apply_quantize
+from lowmem.quant_linear import apply_quantize
 from lowmem.tiled_mlp import apply_tiled_mlp
 
 
@@ -61,11 +61,15 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
     model = get_peft_model(model, lora)
     if cfg.enabled("quantize"):
         apply_quantize(
-            model, cfg.quant_bits, cfg.quant_group_size, cfg.quant_symmetric, cfg.quant_backend
+            model,
+            cfg.quant_bits,
+            cfg.quant_group_size,
+            cfg.quant_symmetric,
+            cfg.quant_backend,
+            cfg.resolved_dequant_chunk,
         )
-        for module in model.modules():
-            if isinstance(module, QuantLinear):
-                module.chunk = cfg.resolved_dequant_chunk
+    # the one order dependency: quantize, then tile (the tiles hold the quantized down_proj),
+    # then checkpoint (it streams and caches the layers it finds); each refuses the wrong order
     if cfg.resolved_mlp_tile:
         apply_tiled_mlp(model, cfg.resolved_mlp_tile)
     if cfg.enabled("fused_norm"):

@@ -21,11 +21,17 @@ the norm saved anyway, and the normalised T x D copy that the MLP would save is 
 skipped, because their output values are never read, only their gradients:
 
 - inside a checkpointed layer's recompute (`lowmem.checkpoint`) the tiled forward saves h and
-  computes nothing under `values_unused()`: backward starts from the layer output's graph
+  computes nothing: the checkpoint enters the layer's `_Tiles.values_unused()` (found with
+  `tiles_of` when it wraps the layer), since backward starts from the layer output's graph
   node, and the MLP output only feeds the residual add, whose backward needs no values;
 - in each tile's backward, down_proj's base matmul: its output only feeds the tile output
-  (plus a LoRA term), so `QuantLinear.values_needed = False` leaves it out and keeps its
-  input gradient.
+  (plus a LoRA term), so the tiles run it under `QuantLinear.values_unused()`, which leaves it
+  out and keeps its input gradient.
+
+Order: after LoRA and quantization (the tiles hold on to the MLP's trainable parameters and
+its quantized down_proj), before checkpointing (which asks the layer for its tiles):
+`apply_quantize` refuses a tiled model, `apply_tiled_mlp` a checkpointed one.
+`lowmem.fused_norm` leaves the norms the tiles run (`tiled_norms`) alone.
 
 Inside a checkpointed layer a step then runs the whole MLP forward once (the forward) and gate
 and up once more (the tile backward), instead of the whole MLP three times.
@@ -40,9 +46,8 @@ import torch
 
 from lowmem.architectures import Architecture
 from lowmem.models import architecture_of, base_model
+from lowmem.quant_linear import QuantLinear
 from lowmem.rng import replayed_rng, saved_rng
-
-_values_unused = False
 
 
 def apply_tiled_mlp(model: torch.nn.Module, tile: int) -> int:
@@ -53,8 +58,35 @@ def apply_tiled_mlp(model: torch.nn.Module, tile: int) -> int:
     arch = architecture_of(model)
     layers = arch.decoder_layers(base_model(model))
     for layer in layers:
+        if hasattr(layer, "lowmem_checkpoint") or tiles_of(layer, arch) is not None:
+            what = "checkpointed" if hasattr(layer, "lowmem_checkpoint") else "already tiled"
+            raise ValueError(
+                f"apply_tiled_mlp on a model whose layers are {what}: tile once, after "
+                "apply_quantize and before apply_checkpoint (the order of apply_stack)"
+            )
+    for layer in layers:
         _Tiles(layer, arch, tile)
     return len(layers)
+
+
+def tiles_of(layer: torch.nn.Module, arch: Architecture):
+    """The `_Tiles` that runs this decoder layer's MLP, or None."""
+    tiles = getattr(layer.get_submodule(arch.mlp).forward, "__self__", None)
+    return tiles if isinstance(tiles, _Tiles) else None
+
+
+def is_tiled(model: torch.nn.Module) -> bool:
+    arch = architecture_of(model)
+    return any(
+        tiles_of(layer, arch) is not None for layer in arch.decoder_layers(base_model(model))
+    )
+
+
+def tiled_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The norms that run inside the MLP tiles (the layer's own call of them is the identity)."""
+    arch = architecture_of(model)
+    tiles = [tiles_of(layer, arch) for layer in arch.decoder_layers(base_model(model))]
+    return [t.norm_module for t in tiles if t is not None and t.norm_module is not None]
 
 
 class _Tiles:
@@ -64,51 +96,43 @@ class _Tiles:
         mlp, self.tile = layer.get_submodule(arch.mlp), tile
         self.mlp_forward = mlp.forward
         self.skippable = arch.mlp_feeds_residual_only
-        self.norm = None
+        self.norm = self.norm_module = None
         if self.skippable:
             # the norm's own class forward (a fused norm is not needed at tile size); the
             # layer's call of the norm becomes the identity
-            norm = layer.get_submodule(arch.post_attention_norm)
+            self.norm_module = norm = layer.get_submodule(arch.post_attention_norm)
             self.norm = type(norm).forward.__get__(norm)
             norm.forward = _identity
-            norm.lowmem_tiled = True
         down = getattr(mlp, "down_proj", None)
         down = getattr(down, "base_layer", down)
-        self.down = down if hasattr(down, "values_needed") else None
+        self.down = down if isinstance(down, QuantLinear) else None
         self.rng_module = mlp
         self.params = [p for p in mlp.parameters() if p.requires_grad]
-        mlp.forward = lambda x: _TiledMLP.apply(x, self, *self.params)
+        self.output_unused = False  # set for a recompute whose output nobody reads
+        mlp.forward = self.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _TiledMLP.apply(x, self, *self.params)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_forward(x if self.norm is None else self.norm(x))
 
     @contextlib.contextmanager
-    def output_values_unused(self) -> Iterator[None]:
-        if self.down is None:
-            yield
-            return
-        self.down.values_needed = False
+    def values_unused(self) -> Iterator[None]:
+        """Within the block, a skippable tiled MLP returns uninitialised values (its gradients
+        stay exact): for a recompute whose output values nobody reads."""
+        previous, self.output_unused = self.output_unused, True
         try:
             yield
         finally:
-            self.down.values_needed = True
+            self.output_unused = previous
+
+    def down_values_unused(self):
+        return contextlib.nullcontext() if self.down is None else self.down.values_unused()
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-@contextlib.contextmanager
-def values_unused() -> Iterator[None]:
-    """Within the block, tiled MLPs whose output only feeds the residual add return
-    uninitialised values (their gradients stay exact): for a recompute whose output values
-    nobody reads."""
-    global _values_unused
-    previous, _values_unused = _values_unused, True
-    try:
-        yield
-    finally:
-        _values_unused = previous
 
 
 class _TiledMLP(torch.autograd.Function):
@@ -116,7 +140,7 @@ class _TiledMLP(torch.autograd.Function):
     def forward(ctx, x, tiles, *params):
         out = torch.empty_like(x)
         ctx.rng = saved_rng(tiles.rng_module, x.device)
-        if not (tiles.skippable and _values_unused):
+        if not (tiles.skippable and tiles.output_unused):
             with torch.no_grad():
                 for a in range(0, x.shape[1], tiles.tile):
                     out[:, a : a + tiles.tile] = tiles(x[:, a : a + tiles.tile])
@@ -131,7 +155,7 @@ class _TiledMLP(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         grad_params = [torch.zeros_like(p) for p in params]
         # the tiles draw in the order the forward drew
-        with replayed_rng(ctx.rng), tiles.output_values_unused():
+        with replayed_rng(ctx.rng), tiles.down_values_unused():
             for a in range(0, x.shape[1], tiles.tile):
                 xt = x[:, a : a + tiles.tile].detach().requires_grad_(True)
                 with torch.enable_grad():

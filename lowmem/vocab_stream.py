@@ -13,7 +13,8 @@ its users needs it whole at once:
   and backward: it reads each chunk from the store instead of slicing a resident table, and
   dequantizes the same bytes, so loss and gradients are bit-identical too;
 - a plain call of the head (`QuantLinear.forward`, e.g. the model's own loss) runs y = x W^T
-  chunk by chunk; its input gradient sums over chunks (equal within FP32 rounding).
+  chunk by chunk (`lowmem.weights.frozen_matmul` walks a streamed weight in its store's
+  chunks); its input gradient sums over chunks (equal within FP32 rounding).
 
 Each chunk is one store entry ("vocab{k}": codes, scales); a tied table is stored once and both
 modules read the same entries. Reading chunk k prefetches chunk k + 1, so the walk overlaps disk
@@ -29,43 +30,52 @@ import torch
 from lowmem.models import base_model
 from lowmem.quant_linear import QuantLinear
 from lowmem.quantize import QuantizedWeight, dequantize
+from lowmem.weights import FrozenWeight, PackedWeight
 
 _PARTS = ("codes", "scales", "zeros")
 
 
-class VocabStream:
-    """The rows of one quantized vocabulary table, kept in `store` as entries of `chunk` rows."""
+class VocabStream(FrozenWeight):
+    """The rows of one quantized vocabulary table, kept in `store` as entries of `chunk` rows.
 
-    def __init__(self, qlin: QuantLinear, store, key: str, chunk: int) -> None:
+    Built from the table's resident `PackedWeight`, whose tensors it hands to the store; a
+    (tiny) bias stays resident. `nbytes` is the packed size as stored.
+    """
+
+    def __init__(self, packed: PackedWeight, store, key: str, chunk: int) -> None:
         if chunk <= 0:
             raise ValueError(f"bad vocab chunk={chunk}: must be > 0")
-        self.store, self.key, self.chunk = store, key, chunk
-        self.n_rows, self.d = qlin.out_features, qlin.in_features
-        self.fmt = (qlin.bits, qlin.group_size)
+        self._nbytes = packed.nbytes
+        tensors = packed.offload()
+        super().__init__(packed.shape, tensors.pop("bias", None))
+        self.store, self.key, self.row_block = store, key, chunk
+        self.n_rows, self.d = packed.shape
+        self.fmt = (packed.bits, packed.group_size)
         for k, a in enumerate(range(0, self.n_rows, chunk)):
-            parts = {p: qlin._buffers[p] for p in _PARTS if qlin._buffers[p] is not None}
-            store.put(f"{key}{k}", {p: t[a : a + chunk] for p, t in parts.items()})
-        for p in _PARTS:
-            qlin._buffers[p] = None
-        qlin.stream = self
+            store.put(f"{key}{k}", {p: t[a : a + chunk] for p, t in tensors.items()})
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
 
     def _load(self, k: int) -> QuantizedWeight:
         entry = self.store.get(f"{self.key}{k}", keep=True)
-        if (k + 1) * self.chunk < self.n_rows:
+        if (k + 1) * self.row_block < self.n_rows:
             self.store.prefetch(f"{self.key}{k + 1}")  # read the next chunk while this one works
         codes = entry["codes"]
         shape = (codes.shape[0], self.d)
         return QuantizedWeight(codes, entry["scales"], entry.get("zeros"), shape, *self.fmt)
 
     def _chunks(self):
-        for k, a in enumerate(range(0, self.n_rows, self.chunk)):
+        for k, a in enumerate(range(0, self.n_rows, self.row_block)):
             yield a, self._load(k)
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """FP32 rows start:stop, (stop - start) x D, read from the chunks that hold them."""
-        parts = []
-        for k in range(start // self.chunk, -(-stop // self.chunk)):
-            a, qw = k * self.chunk, self._load(k)
+    def rows_from(self, tensors, start: int, stop: int) -> torch.Tensor:
+        """FP32 rows start:stop, (stop - start) x D, read from the chunks that hold them
+        (nothing is resident: `tensors` is empty)."""
+        chunk, parts = self.row_block, []
+        for k in range(start // chunk, -(-stop // chunk)):
+            a, qw = k * chunk, self._load(k)
             lo, hi = max(start - a, 0), min(stop - a, qw.shape[0])
             if (lo, hi) != (0, qw.shape[0]):
                 z = None if qw.zeros is None else qw.zeros[lo:hi]
@@ -75,7 +85,7 @@ class VocabStream:
             parts.append(dequantize(qw))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows of `ids` (any shape): ... x D; only the gathered rows dequantize."""
         flat = ids.reshape(-1)
         gathered: dict[str, torch.Tensor] = {}
@@ -93,38 +103,25 @@ class VocabStream:
         )
         return dequantize(qw).reshape(*ids.shape, self.d)
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x W^T over the whole vocabulary, W read chunk by chunk (forward and backward)."""
-        return _StreamedLinear.apply(x, self)
-
-
-class _StreamedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, stream):
-        ctx.stream = stream
-        y = x.new_empty(*x.shape[:-1], stream.n_rows)
-        for a, qw in stream._chunks():
-            torch.matmul(x, dequantize(qw).T, out=y[..., a : a + qw.shape[0]])
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        grad_x = None
-        for a, qw in ctx.stream._chunks():
-            part = grad_y[..., a : a + qw.shape[0]] @ dequantize(qw)
-            grad_x = part if grad_x is None else grad_x.add_(part)
-        return grad_x, None
-
 
 def stream_vocab(model: torch.nn.Module, store, chunk: int) -> list[VocabStream]:
-    """Move the quantized embedding and LM head of `model` into `store`; a tied table once."""
+    """Move the quantized embedding and LM head of `model` into `store`; a tied table once.
+
+    Needs `lowmem.quant_linear.apply_quantize` first: the tables must be resident packed."""
     base = base_model(model)
     tables = {}
     for name, module in (
-        ("vocab", base.get_input_embeddings().linear),
+        ("vocab", getattr(base.get_input_embeddings(), "linear", None)),
         ("head", base.get_output_embeddings()),
     ):
-        if not isinstance(module, QuantLinear):
-            raise ValueError(f"vocabulary streaming needs a quantized {name} table")
+        if not (isinstance(module, QuantLinear) and isinstance(module.frozen, PackedWeight)):
+            raise ValueError(
+                f"vocabulary streaming needs a quantized, resident {name} table (a QuantLinear "
+                f"from apply_quantize); got {type(module).__name__}"
+            )
         tables.setdefault(id(module), (name, module))  # tied: the head is the embedding's
-    return [VocabStream(q, store, name, chunk) for name, q in tables.values()]
+    streams = []
+    for name, q in tables.values():
+        streams.append(VocabStream(q.frozen, store, name, chunk))
+        q.use_weight(streams[-1])
+    return streams

@@ -41,7 +41,7 @@ def test_fused_loss_never_holds_an_n_by_v_tensor():
     hidden = torch.randn(n, 64, requires_grad=True)
     targets = torch.randint(0, 777, (n,))
     tracker = LiveStorageTracker()
-    tracker.register([hidden, targets, head.codes, head.scales])
+    tracker.register([hidden, targets, head.frozen.codes, head.frozen.scales])
     base = tracker.live
     with tracker:
         fused_cross_entropy(hidden, targets, head, chunk=chunk).backward()
@@ -62,8 +62,8 @@ def test_a_streamed_head_gives_bit_identical_loss_gradient_and_lookup(offload, c
     resident, _ = _heads()[1]
     streamed, _ = _heads()[1]
     store = make_store(offload, "cpu", str(tmp_path), async_writes=False)
-    VocabStream(streamed, store, "vocab", chunk)
-    assert streamed.codes is None and streamed.scales is None  # nothing of the table resident
+    streamed.use_weight(VocabStream(streamed.frozen, store, "vocab", chunk))
+    assert list(streamed.buffers()) == []  # nothing of the table resident
     hidden = torch.randn(23, 64, requires_grad=True)
     targets = torch.randint(0, 777, (23,))
     targets[3] = -100
@@ -76,7 +76,7 @@ def test_a_streamed_head_gives_bit_identical_loss_gradient_and_lookup(offload, c
         grads.append(h.grad)
     assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
     ids = torch.randint(0, 777, (2, 31))
-    assert torch.equal(streamed.stream.lookup(ids), dequantize_rows(resident.qweight, ids))
+    assert torch.equal(streamed.frozen.gather(ids), dequantize_rows(resident.qweight, ids))
     # a plain call walks the chunks: the same logits; the input gradient sums over chunks
     x = torch.randn(2, 5, 64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)

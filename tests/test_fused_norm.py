@@ -48,3 +48,20 @@ def test_fused_norm_backward_holds_one_t_by_d_temporary():
 def test_a_trainable_norm_weight_is_refused():
     with pytest.raises(ValueError, match="frozen norm weight"):
         rms_norm(torch.randn(2, 4), torch.ones(4, requires_grad=True), 1e-6)
+
+
+@pytest.mark.parametrize("fused_first", [True, False])
+def test_norms_inside_mlp_tiles_stay_unfused_in_either_order(fused_first):
+    from lowmem.tiled_mlp import apply_tiled_mlp
+
+    torch.manual_seed(0)
+    ref = build_model("tiny-llama").requires_grad_(False)
+    model = build_model("tiny-llama").requires_grad_(False)
+    model.load_state_dict(ref.state_dict())
+    first, second = (apply_fused_norm, None), (None, apply_tiled_mlp)
+    for fused, tiled in (first, second) if fused_first else (second, first):
+        n = fused(model) if fused else tiled(model, 16)
+        if fused and not fused_first:
+            assert n == model.config.num_hidden_layers + 1  # the tiled norms are left alone
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    assert torch.equal(model(ids).logits, ref(ids).logits)  # each norm applied once
