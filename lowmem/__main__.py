@@ -9,10 +9,11 @@ import os
 import sys
 
 from lowmem import assets, paper, results
-from lowmem.config import LINEAR_TARGETS, ROWS, parse_spec
+from lowmem.config import ROWS, StackConfig, parse_spec, parse_value
 from lowmem.memory import METERS
 from lowmem.models import REGISTRY
 from lowmem.offload import OffloadError, check_offload_root
+from lowmem.options import add_field_options, given_fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         choices=ROWS,
         help=f"row: last technique of the cumulative stack, or best ({ROWS})",
     )
-    m.add_argument("--seq-len", type=int, default=1024, help="context length T in tokens")
     m.add_argument(
         "--meter",
         default="simulated",
@@ -44,42 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         help="simulated: fake tensors, no data, any machine; cpu: real tensors, "
         "live-storage tracker + peak RSS; cuda: allocator peak on a GPU",
     )
-    m.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    m.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (scale = alpha / r)")
-    m.add_argument(
-        "--lora-targets",
-        default="q_proj,v_proj",
-        help=f"comma-separated subset of {','.join(LINEAR_TARGETS)}, or all-linear",
-    )
-    m.add_argument("--quant-bits", type=int, default=4, help="bits per quantized weight: 4 or 8")
-    m.add_argument(
-        "--quant-group-size",
-        type=int,
-        default=32,
-        help="weights per FP32 scale along the input dim: 32, 64, 128, or 0 (one per row)",
-    )
-    m.add_argument(
-        "--quant-asymmetric", action="store_true", help="add an FP32 zero point per group"
-    )
-    m.add_argument(
-        "--quant-backend",
-        default="lowmem",
-        help="lowmem (own INT4/INT8 format), bnb-nf4 or bnb-fp4 (bitsandbytes)",
-    )
-    m.add_argument("--offload", default="disk", help="checkpoint/weight store: disk or memory")
-    m.add_argument("--offload-dir", default="", help="root folder for disk offload (default: temp)")
-    m.add_argument("--no-stream-weights", action="store_true", help="keep layer weights resident")
-    m.add_argument(
-        "--cache-policy",
-        default="none",
-        help="activations cached instead of recomputed: none, attention, mlp, all_linear",
-    )
-    m.add_argument(
-        "--gqa",
-        default="auto",
-        help="grouped-query attention path: repeat_kv (copy K/V heads), native, or auto "
-        "(repeat_kv for baseline/lora, native from quantize on; see experiments/LOG.md)",
-    )
+    add_field_options(m, StackConfig, skip=("stack",))
     m.add_argument(
         "--set",
         action="append",
@@ -263,21 +228,10 @@ def _one_line(err: BaseException) -> str:
 def _measure(args: argparse.Namespace) -> int:
     from lowmem.bench import run_cell
 
-    options = dict(
-        seq_len=args.seq_len,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_targets=tuple(args.lora_targets.split(",")),
-        quant_bits=args.quant_bits,
-        quant_group_size=args.quant_group_size,
-        quant_symmetric=not args.quant_asymmetric,
-        quant_backend=args.quant_backend,
-        gqa=args.gqa,
-        offload=args.offload,
-        offload_dir=args.offload_dir,
-        stream_weights=not args.no_stream_weights,
-        cache_policy=args.cache_policy,
-    )
+    options = {  # lora_targets stays a string: comma-separated, as StackConfig splits it
+        k: v if k == "lora_targets" else parse_value(StackConfig, k, v)
+        for k, v in given_fields(args, StackConfig).items()
+    }
     cfg = parse_spec(f"{args.stack}:{','.join(args.set)}", **options)
     if args.experiment:
         results.check_slug("experiment", args.experiment)  # before the run, not after it

@@ -3,6 +3,8 @@ import json
 import pytest
 
 from lowmem.__main__ import main
+from lowmem.config import StackConfig
+from lowmem.options import field_docs
 
 
 def test_measure_prints_a_record_and_can_save_it(capsys, results_tmp):
@@ -54,6 +56,25 @@ def test_help_explains_every_option(capsys):
         "--experiment",
     ):
         assert option in out
+
+
+def test_every_config_field_has_its_own_flag_with_its_docstring(capsys):
+    """The flags are generated from StackConfig: none to keep in sync by hand."""
+    with pytest.raises(SystemExit):
+        main(["measure", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for name, doc in field_docs(StackConfig).items():
+        if name != "stack":
+            assert f"--{name.replace('_', '-')}" in out
+            assert doc.split(".")[0] in out, name
+
+
+def test_a_boolean_flag_takes_true_or_false_and_refuses_anything_else(capsys):
+    args = ["measure", "--model", "tiny-llama", "--stack", "checkpoint", "--seq-len", "16"]
+    assert main([*args, "--stream-weights", "false", "--offload", "memory"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["stream_weights"] is False
+    assert main([*args, "--stream-weights", "maybe"]) == 2
+    assert "error: bad stream_weights='maybe': must be true or false" in capsys.readouterr().err
 
 
 def test_table_rebuilds_tables_from_records(capsys, results_tmp):
