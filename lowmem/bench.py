@@ -95,6 +95,7 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
         "model": model_name,
         "weights": weights or {"path": None, "init": "random" if meter != "simulated" else "fake"},
         "config": cfg.to_dict(),
+        "resolved_config": cfg.resolved().to_dict(),  # what ran: no `auto` left
         "meter": meter,
         "device": device,
         "metrics": metrics,

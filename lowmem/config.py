@@ -254,6 +254,16 @@ class StackConfig:
             return bool(self.offload_prefetch)
         return PROFILES[self.stack].prefetch
 
+    def resolved(self) -> StackConfig:
+        """The same run with every `auto` (-1) setting replaced by what this row runs."""
+        return dataclasses.replace(
+            self,
+            dequant_chunk=self.resolved_dequant_chunk,
+            mlp_tile=self.resolved_mlp_tile,
+            offload_prefetch=int(self.resolved_prefetch),
+            gqa=self.gqa_mode,
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 

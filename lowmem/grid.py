@@ -224,6 +224,7 @@ def _papermill(experiment: str, model: str, cfg: StackConfig, meter: str, force:
             "status": "failed",
             "model": model,
             "config": cfg.to_dict(),
+            "resolved_config": cfg.resolved().to_dict(),
             "meter": meter,
             "device": None,
             "metrics": {},

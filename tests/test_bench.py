@@ -35,6 +35,15 @@ def test_a_crash_becomes_a_failed_record(monkeypatch):
     assert record["status"] == "failed" and "RuntimeError: kaboom" in record["error"]
 
 
+def test_a_record_carries_the_configuration_that_ran_with_no_auto_left():
+    record = bench.run_cell("tiny-llama", StackConfig(stack="best", seq_len=16384), "simulated")
+    resolved = record["resolved_config"]
+    assert record["config"]["dequant_chunk"] == -1 and record["config"]["gqa"] == "auto"
+    assert (resolved["dequant_chunk"], resolved["mlp_tile"]) == (2048, 256)
+    assert (resolved["offload_prefetch"], resolved["gqa"]) == (0, "native")
+    assert -1 not in resolved.values() and "auto" not in resolved.values()
+
+
 def test_grid_skips_recorded_cells_unless_forced(results_tmp):
     cells = [(m, StackConfig(seq_len=16), "simulated") for m in ("tiny-llama", "tiny-qwen")]
     assert run_cells("g", cells, "in-process") == {"ran": 2, "skipped": 0, "failed": 0}
