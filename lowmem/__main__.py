@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from lowmem import assets, results
+from lowmem import assets, results, tables
 from lowmem.cli import build_parser
 from lowmem.config import ROWS, StackConfig, parse_spec, parse_value
 from lowmem.offload import OffloadError, check_offload_root
@@ -106,8 +106,8 @@ def _table(args: argparse.Namespace) -> int:
 
         csv, md = write_table()
     else:
-        csv, md = results.write_tables(args.experiment)
-    if args.experiment == "table1" and results.update_readme("table1"):
+        csv, md = tables.write_tables(args.experiment)
+    if args.experiment == "table1" and tables.update_readme("table1"):
         print("updated the results table in README.md", file=sys.stderr)
     print(md.read_text())
     print(f"wrote {csv} and {md}", file=sys.stderr)

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from lowmem import paper, results  # noqa: E402
+from lowmem import paper, results, tables  # noqa: E402
 from lowmem.config import LABELS, ROWS  # noqa: E402
 from lowmem.files import new_file  # noqa: E402
 
@@ -36,7 +36,7 @@ WATERFALL_CONTEXT = 2048
 
 def context_frame(records: list[dict]) -> pd.DataFrame:
     """Long format for `context`: ours (ok and oom) and the paper's numeric cells."""
-    frame = results.cell_frame(records)
+    frame = tables.cell_frame(records)
     frame = frame[frame["status"] != "failed"]
     ours = frame.assign(source="ours")[["model", "stack", "label", "seq_len", "peak_gib", "source"]]
     theirs = frame[frame["paper_gib"].notna()].assign(source="paper", peak_gib=frame["paper_gib"])
@@ -45,7 +45,7 @@ def context_frame(records: list[dict]) -> pd.DataFrame:
 
 def waterfall_frame(records: list[dict], seq_len: int = WATERFALL_CONTEXT) -> pd.DataFrame:
     """GiB saved by each paper technique over the row before it, ours and the paper's."""
-    frame = results.cell_frame(records)
+    frame = tables.cell_frame(records)
     frame = frame[(frame["seq_len"] == seq_len) & (frame["stack"] != "best")]
     rows = []
     for model, cells in frame.groupby("model"):
@@ -98,7 +98,7 @@ def draw_waterfall(records: list[dict], path: Path) -> Path:
 
 
 def draw_ablation(records: list[dict], path: Path, x: str, hue: str, style: str | None) -> Path:
-    frame = results.config_frame(records)
+    frame = tables.config_frame(records)
     frame = frame[frame["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(6, 4))
     sns.lineplot(

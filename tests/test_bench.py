@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowmem import bench, paper, results
+from lowmem import bench, paper, results, tables
 from lowmem.config import StackConfig
 from lowmem.grid import run_cells
 
@@ -58,7 +58,7 @@ def test_grid_skips_recorded_cells_unless_forced(results_tmp):
 def test_table1_grid_reproduces_every_paper_cell_from_scratch(results_tmp):
     cells = [(m, cfg, "simulated") for m, cfg in bench.table1_cells(REPRODUCED)]
     run_cells("table1", cells, "in-process")
-    frame = results.cell_frame(results.load_records("table1"))
+    frame = tables.cell_frame(results.load_records("table1"))
     assert len(frame) == 2 * len(REPRODUCED) * len(paper.CONTEXTS)
     misses = frame[~frame["reproduced"].astype(bool)]
     assert misses.empty, misses[["model", "stack", "seq_len", "peak_gib", "paper_gib"]]

@@ -3,7 +3,7 @@ import shutil
 import pytest
 from test_results import _record
 
-from lowmem import figures, results
+from lowmem import figures, results, tables
 from lowmem.config import ROWS, StackConfig
 
 COMMITTED = results.REPO_ROOT / "results" / "raw"
@@ -61,7 +61,7 @@ def test_an_ablation_table_lists_the_settings_that_vary(results_tmp):
         rec = _record(stack="softmax_approx", seq_len=2048, gib=gib)
         rec.update(run_id=results.run_id("llama-3.2-3b", cfg, "simulated"), config=cfg.to_dict())
         results.write_record("k", rec)
-    csv, md = results.write_tables("k")
+    csv, md = tables.write_tables("k")
     text = md.read_text()
     assert "| softmax_k | peak GiB | peak phase |" in text
     assert "| 100 | 1.500 |" in text and "| 5000 | 2.500 |" in text

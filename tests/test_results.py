@@ -3,7 +3,7 @@ import json
 import pytest
 from test_bench import REPRODUCED
 
-from lowmem import results
+from lowmem import results, tables
 from lowmem.config import ROWS, StackConfig
 
 
@@ -54,8 +54,8 @@ def test_tables_put_paper_values_and_ratios_beside_ours(results_tmp):
         _record(stack="baseline", seq_len=8192, gib=70.0),  # paper OOM, ours fits: a miss
     ):
         results.write_record("t1", rec)
-    csv, md = results.write_tables("t1")
-    frame = results.cell_frame(results.load_records("t1")).set_index(["stack", "seq_len"])
+    csv, md = tables.write_tables("t1")
+    frame = tables.cell_frame(results.load_records("t1")).set_index(["stack", "seq_len"])
     assert frame.loc[("lora", 1024), "ratio"] == pytest.approx(18.0 / 19.1)
     assert list(frame["reproduced"].sort_index()) == [False, True, False, True]
     text = md.read_text()
@@ -66,7 +66,7 @@ def test_tables_put_paper_values_and_ratios_beside_ours(results_tmp):
 
 
 def test_committed_table1_records_reproduce_every_paper_cell():
-    frame = results.cell_frame(results.load_records("table1"))
+    frame = tables.cell_frame(results.load_records("table1"))
     assert len(frame) == 10 * len(ROWS) and set(frame["stack"]) == set(ROWS)
     assert (frame["status"] != "failed").all()
     frame = frame[frame["stack"].isin(REPRODUCED)]
@@ -97,13 +97,13 @@ def test_committed_3b_cpu_run_equals_its_simulation_to_the_byte(stack):
 
 def test_readme_table_and_headline_ratios_agree_with_the_records():
     readme = (results.REPO_ROOT / "README.md").read_text()
-    block = readme.split(results.README_START)[1].split(results.README_END)[0]
-    assert block.strip() == results.readme_block("table1").strip()
+    block = readme.split(tables.README_START)[1].split(tables.README_END)[0]
+    assert block.strip() == tables.readme_block("table1").strip()
     assert "Headline ratios" in block and "+ LoRA / best" in block
 
 
 def test_committed_best_row_beats_the_papers_final_row_everywhere():
-    frame = results.cell_frame(results.load_records("table1")).set_index(
+    frame = tables.cell_frame(results.load_records("table1")).set_index(
         ["model", "stack", "seq_len"]
     )
     for (model, stack, seq_len), row in frame.iterrows():
@@ -133,4 +133,4 @@ def test_offload_dir_never_reaches_a_record_name(results_tmp):
 
 def test_a_table_name_that_could_leave_results_is_refused(results_tmp):
     with pytest.raises(ValueError, match="bad experiment '../../x'"):
-        results.write_tables("../../x")
+        tables.write_tables("../../x")
