@@ -39,6 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import ROWS, StackConfig
+from lowmem.loader import load_quantized
 from lowmem.loss import check_token_ids, own_head, own_head_loss
 from lowmem.models import base_model, load_from_directory
 from lowmem.reference import IGNORE_INDEX
@@ -79,8 +80,13 @@ def prepare(
     `settings` override the profile's technique settings (`lowmem.api.SETTINGS`, e.g.
     lora_r=8, offload="memory", offload_dir="/scratch"). Returns the peft model (the bare
     model for `baseline`), changed in place; its resolved configuration is `.lowmem_config`.
+    A directory under a profile that quantizes with the lowmem backend is loaded a tensor at a
+    time, never whole in FP32 (`lowmem.loader`).
     """
+    cfg = plan(profile, **settings)
     if isinstance(model, str | os.PathLike):
+        if cfg.enabled("quantize") and cfg.quant_backend == "lowmem":  # never FP32 whole
+            return _take_over(load_quantized(model, cfg), cfg)
         model = load_from_directory(model)
     if isinstance(model, Prepared):
         raise ValueError("this model is already prepared by lowmem.prepare; prepare a fresh one")
@@ -89,9 +95,12 @@ def prepare(
             f"bad model of type {type(model).__name__}: lowmem.prepare takes a Hugging Face "
             "causal LM (a PreTrainedModel, not yet wrapped by peft) or its local directory"
         )
-    cfg = plan(profile, **settings)
     device = next(model.parameters()).device
-    prepared = apply_stack(model, cfg, "cuda" if device.type == "cuda" else "cpu")
+    return _take_over(apply_stack(model, cfg, "cuda" if device.type == "cuda" else "cpu"), cfg)
+
+
+def _take_over(prepared: torch.nn.Module, cfg: StackConfig) -> torch.nn.Module:
+    """Install the profile's forward and `Prepared`'s methods on a model under `cfg`."""
     hf = base_model(prepared)
     hf.forward = _loss_forward(hf, cfg)
     prepared.__class__ = _prepared_class(type(prepared))

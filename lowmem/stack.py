@@ -50,15 +50,7 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    targets = "all-linear" if cfg.lora_targets == ("all-linear",) else list(cfg.lora_targets)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    model = apply_lora(model, cfg)
     if cfg.enabled("quantize"):
         apply_quantize(
             model,
@@ -68,6 +60,25 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
             cfg.quant_backend,
             cfg.resolved_dequant_chunk,
         )
+    return apply_after_quantize(model, cfg, meter)
+
+
+def apply_lora(model: torch.nn.Module, cfg: StackConfig) -> torch.nn.Module:
+    """The row's peft LoRA wrapper (the base frozen); draws the adapters' random init."""
+    targets = "all-linear" if cfg.lora_targets == ("all-linear",) else list(cfg.lora_targets)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def apply_after_quantize(model: torch.nn.Module, cfg: StackConfig, meter: str) -> torch.nn.Module:
+    """The techniques that follow quantization (shared with `lowmem.loader`, which quantizes
+    while it loads)."""
     # the one order dependency: quantize, then tile (the tiles hold the quantized down_proj),
     # then checkpoint (it streams and caches the layers it finds); each refuses the wrong order
     if cfg.resolved_mlp_tile:
