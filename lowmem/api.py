@@ -61,14 +61,7 @@ def plan(profile: str = "best", **settings) -> StackConfig:
             raise ValueError(
                 f"bad setting {name!r}{hint}: lowmem.prepare takes {', '.join(SETTINGS)}"
             )
-    cfg = StackConfig(stack=profile, **settings)
-    return dataclasses.replace(
-        cfg,
-        dequant_chunk=cfg.resolved_dequant_chunk,
-        mlp_tile=cfg.resolved_mlp_tile,
-        offload_prefetch=int(cfg.resolved_prefetch),
-        gqa=cfg.gqa_mode,
-    )
+    return StackConfig(stack=profile, **settings).resolved()
 
 
 def prepare(
