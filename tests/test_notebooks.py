@@ -7,6 +7,7 @@ import papermill
 import pytest
 
 from lowmem.config import StackConfig
+from lowmem.options import RUN_NOTEBOOK, field_parameters
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 # one study notebook per technique (STYLE.md: one technique = one module = one notebook)
@@ -88,3 +89,6 @@ def test_the_run_notebook_lists_every_config_field_at_its_default():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = ",".join(default) if isinstance(default, tuple) else default
         assert values.get(f.name, "missing") == default, f.name
+    # and those lines are the ones generated from StackConfig's fields, docstrings included
+    source = "".join(_parameters_cell(RUN_NOTEBOOK)["source"])
+    assert source.endswith(field_parameters(StackConfig)), "rerun `python -m lowmem.options`"
