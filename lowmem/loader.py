@@ -9,14 +9,15 @@ gives the same model without that copy:
    becomes a CPU placeholder of the right shape that owns 4 bytes (a zero expanded to the
    shape), so peft's LoRA wrapper creates its adapters on the CPU, drawing the same random
    numbers in the same order as on a loaded model (same torch seed, same LoRA init);
-2. each frozen weight is read from its safetensors shard (BF16 / FP16 / FP32 on disk, converted
-   to FP32) and quantized at once, `block_bytes` of FP32 rows at a time: quantization works per
-   row (groups run along D_in), so the codes and scales of row blocks are those of the whole
-   matrix, bit for bit. The 128256 x 3072 embedding of Llama is 1.47 GiB in FP32; in 16 MiB
-   blocks its transient is 16 MiB of FP32 plus the quantize temporaries (a few times that), and
-   a tied LM head shares the embedding's quantized weight as in `apply_quantize`;
-3. norms and biases are loaded as they are (FP32), the remaining techniques of the row are
-   applied as `apply_stack` applies them (`lowmem.stack.apply_after_quantize`).
+2. norms and biases (the 1-D parameters) are loaded as they are (FP32);
+3. `apply_quantize` swaps in the quantized layers as in `apply_stack`, each weight read from its
+   safetensors shard (BF16 / FP16 / FP32 on disk, converted to FP32) and quantized at once,
+   `block_bytes` of FP32 rows at a time: quantization works per row (groups run along D_in),
+   so the codes and scales of row blocks are those of the whole matrix, bit for bit. The
+   128256 x 3072 embedding of Llama is 1.47 GiB in FP32; in 16 MiB blocks its transient is
+   16 MiB of FP32 plus the quantize temporaries (a few times that); a tied LM head shares the
+   embedding's quantized weight. The rest of the row follows as `apply_stack` applies it
+   (`lowmem.stack.apply_after_quantize`).
 
 Peak, Llama-3.2 3B: the quantized model (1.87 GiB) + the LoRA adapters (17.5 MiB) + one block's
 transients (~4 x 16 MiB), instead of 11.97 GiB; safetensors also maps the whole tensor being
@@ -41,7 +42,7 @@ from transformers import AutoModelForCausalLM
 from lowmem.attention import set_gqa
 from lowmem.config import StackConfig
 from lowmem.models import ModelError, base_model, check_model_dir, read_config
-from lowmem.quant_linear import QuantEmbedding, QuantLinear
+from lowmem.quant_linear import apply_quantize
 from lowmem.quantize import QuantizedWeight, quantize
 from lowmem.stack import apply_after_quantize, apply_lora
 
@@ -163,41 +164,36 @@ def _placeholders(model: torch.nn.Module) -> set[int]:
 
 
 def _materialize(base, shards: _Shards, placeholders: set[int], cfg: StackConfig, block: int):
-    """Replace every placeholder: the linears, embedding and head quantized, the rest loaded."""
-    chunk = cfg.resolved_dequant_chunk
-
-    def quantized(key: str, shape: tuple[int, int]) -> QuantizedWeight:
-        return quantize_by_rows(
-            lambda a, b: shards.rows(key, a, b),
-            shape,
-            cfg.quant_bits,
-            cfg.quant_group_size,
-            cfg.quant_symmetric,
-            max(1, block // (4 * shape[1])),
-        )
-
-    head, emb = base.get_output_embeddings(), base.get_input_embeddings()
-    for name, module in list(base.named_modules()):
-        if isinstance(module, torch.nn.Linear) and module is not head and ".lora_" not in name:
-            key = name.replace(".base_layer", "")
-            bias = None if module.bias is None else shards.rows(f"{key}.bias")
-            q = QuantLinear(quantized(f"{key}.weight", tuple(module.weight.shape)), bias, chunk)
-            parent, _, child = name.rpartition(".")
-            setattr(base.get_submodule(parent), child, q)
-    names = {id(p): n for n, p in base.named_parameters()}
-    q_emb = QuantEmbedding(quantized(names[id(emb.weight)], tuple(emb.weight.shape)), chunk)
-    base.set_input_embeddings(q_emb)
-    if head.weight is emb.weight:
-        base.set_output_embeddings(q_emb.linear)
-    else:
-        q_head = QuantLinear(quantized("lm_head.weight", tuple(head.weight.shape)), None, chunk)
-        base.set_output_embeddings(q_head)
-    for name, p in list(base.named_parameters()):  # norms: FP32, frozen, as loaded whole
-        if id(p) in placeholders:
+    """Replace every placeholder: norms and biases loaded first (FP32, frozen, as loaded
+    whole), then `apply_quantize` quantizes the linears, embedding and head from the shards."""
+    for name, p in list(base.named_parameters()):
+        if id(p) in placeholders and p.dim() == 1:
             loaded = shards.rows(name.replace(".base_layer", ""))
             parent, _, child = name.rpartition(".")
             module = base.get_submodule(parent)
             module._parameters[child] = torch.nn.Parameter(loaded, requires_grad=p.requires_grad)
+
+    def packed(key: str, w: torch.Tensor) -> QuantizedWeight:
+        return quantize_by_rows(
+            lambda a, b: shards.rows(key, a, b),
+            tuple(w.shape),
+            cfg.quant_bits,
+            cfg.quant_group_size,
+            cfg.quant_symmetric,
+            max(1, block // (4 * w.shape[1])),
+        )
+
+    apply_quantize(
+        base,
+        cfg.quant_bits,
+        cfg.quant_group_size,
+        cfg.quant_symmetric,
+        chunk=cfg.resolved_dequant_chunk,
+        packed=packed,
+    )
+    left = [n for n, p in base.named_parameters() if id(p) in placeholders]
+    if left:  # a family with 2-D parameters apply_quantize does not take (none supported now)
+        raise ModelError(f"the loader does not know how to load {', '.join(left)}")
 
 
 def quantize_by_rows(

@@ -18,7 +18,7 @@ change once, to a store (`use_weight`, `lowmem.vocab_stream`); the layer compute
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +138,7 @@ def apply_quantize(
     symmetric: bool = True,
     backend: str = "lowmem",
     chunk: int = 0,
+    packed: Callable[[str, torch.Tensor], QuantizedWeight] | None = None,
 ) -> QuantReport:
     """Quantize every base linear of the decoder layers and the embedding / LM head, in place.
 
@@ -145,13 +146,23 @@ def apply_quantize(
     quantized, its adapters stay FP32 and trainable. A tied LM head shares the embedding's
     quantized weight, so it is stored once. `backend` "bnb-nf4" / "bnb-fp4" quantizes the
     decoder linears with bitsandbytes instead (`lowmem.quantize_bnb`). `chunk` > 0 dequantizes
-    that many output rows at a time in every lowmem layer (`QuantLinear`).
+    that many output rows at a time in every lowmem layer (`QuantLinear`). `packed(name, w)`
+    gives the quantized weight of the parameter `name` (its stock name, without peft's
+    `.base_layer`; `w` as the model holds it); the default quantizes `w`. `lowmem.loader`
+    passes one that reads and quantizes the weight from its shard, a row block at a time.
 
     Comes before `apply_tiled_mlp` and `apply_checkpoint` (as in `lowmem.stack.apply_stack`):
     they hold on to the layers they find, so a model they changed is refused.
     """
     if backend not in BACKENDS:
         raise ValueError(f"bad quant_backend={backend!r}: must be one of {BACKENDS}")
+    if packed is not None and backend != "lowmem":
+        raise ValueError(f"apply_quantize(packed=...) builds lowmem layers, not {backend!r}")
+    if packed is None:
+
+        def packed(name: str, w: torch.Tensor) -> QuantizedWeight:
+            return quantize(w, bits, group_size, symmetric)
+
     from lowmem.tiled_mlp import is_tiled  # tiled_mlp builds on this module's layers
 
     base = base_model(model)
@@ -166,29 +177,28 @@ def apply_quantize(
             )
     head, emb = base.get_output_embeddings(), base.get_input_embeddings()
     tied = head.weight is emb.weight
+    names = {id(p): n.replace(".base_layer", "") for n, p in base.named_parameters()}
     replaced = []  # (FP weight, its quantized module)
     for name, module in list(base.named_modules()):
         if isinstance(module, torch.nn.Linear) and module is not head and ".lora_" not in name:
-            q = _quantize_linear(module, bits, group_size, symmetric, backend, chunk)
+            if backend == "lowmem":
+                w = module.weight
+                q = QuantLinear(packed(names[id(w)], w), module.bias, chunk)
+            else:
+                from lowmem.quantize_bnb import BnbLinear4bit
+
+                q = BnbLinear4bit(module, backend)
             parent, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent), child, q)
             replaced.append((module.weight, q))
-    q_emb = QuantEmbedding(quantize(emb.weight, bits, group_size, symmetric), chunk)
+    q_emb = QuantEmbedding(packed(names[id(emb.weight)], emb.weight), chunk)
     base.set_input_embeddings(q_emb)
     replaced.append((emb.weight, q_emb.linear))
     if tied:
         base.set_output_embeddings(q_emb.linear)
     else:
-        q_head = QuantLinear.from_linear(head, bits, group_size, symmetric, chunk)
+        q_head = QuantLinear(packed(names[id(head.weight)], head.weight), head.bias, chunk)
         base.set_output_embeddings(q_head)
         replaced.append((head.weight, q_head))
     n = sum(w.numel() for w, _ in replaced)
     return QuantReport(n, 4 * n, sum(q.nbytes for _, q in replaced))
-
-
-def _quantize_linear(linear, bits, group_size, symmetric, backend, chunk) -> torch.nn.Module:
-    if backend == "lowmem":
-        return QuantLinear.from_linear(linear, bits, group_size, symmetric, chunk)
-    from lowmem.quantize_bnb import BnbLinear4bit
-
-    return BnbLinear4bit(linear, backend)
