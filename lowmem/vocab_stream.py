@@ -76,13 +76,7 @@ class VocabStream(FrozenWeight):
         chunk, parts = self.row_block, []
         for k in range(start // chunk, -(-stop // chunk)):
             a, qw = k * chunk, self._load(k)
-            lo, hi = max(start - a, 0), min(stop - a, qw.shape[0])
-            if (lo, hi) != (0, qw.shape[0]):
-                z = None if qw.zeros is None else qw.zeros[lo:hi]
-                qw = QuantizedWeight(
-                    qw.codes[lo:hi], qw.scales[lo:hi], z, (hi - lo, self.d), *self.fmt
-                )
-            parts.append(dequantize(qw))
+            parts.append(qw.rows(max(start - a, 0), min(stop - a, qw.shape[0])))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,12 @@ no FP32 copy of W is ever kept between forward and backward.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 
-class FrozenWeight(torch.nn.Module):
+class FrozenWeight(torch.nn.Module, abc.ABC):
     """A frozen D_out x D_in weight (and optional D_out bias); subclasses say where rows come from.
 
     The device tensors are buffers of this module, so `module.buffers()` counts them.
@@ -65,16 +67,19 @@ class FrozenWeight(torch.nn.Module):
         """FP32 rows start:stop, (stop - start) x D_in."""
         return self.rows_from(self.tensors(), start, stop)
 
+    @abc.abstractmethod
     def rows_from(self, tensors, start: int, stop: int) -> torch.Tensor:
-        raise NotImplementedError
+        """FP32 rows start:stop from `tensors` (what `tensors()` returned)."""
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """FP32 rows `ids` (any shape of indices): ... x D_in (an embedding lookup)."""
-        raise NotImplementedError
+        """FP32 rows `ids` (any shape of indices): ... x D_in (an embedding lookup); here all
+        rows expand, a kind that can expand only the gathered ones does so."""
+        return self.rows(0, self.shape[0])[ids]
 
     @property
+    @abc.abstractmethod
     def nbytes(self) -> int:
-        raise NotImplementedError
+        """Bytes of the values as stored."""
 
     # streaming a layer at a time (StreamedWeights)
     def offload(self) -> dict[str, torch.Tensor]:
