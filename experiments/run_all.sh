@@ -27,4 +27,6 @@ done
 # the whole process beside the step: a 3B best step's setup (FP32 build + quantize) vs its step
 OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=131072 $PY -m lowmem measure --model llama-3.2-3b \
     --stack best --seq-len 1024 --meter cpu --experiment process_check >/dev/null
+# a directory loaded a tensor at a time (lowmem.loader): its tracked peak vs the FP32 weights
+$PY experiments/loader_check/measure.py >/dev/null
 make --no-print-directory tables
