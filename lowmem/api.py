@@ -21,12 +21,27 @@ tokens divided by it, as the Hugging Face loss does, so gradient accumulation we
 not micro-batches; a micro-batch with no trainable token then adds 0 (not the NaN of a mean
 over nothing).
 
+Under TRL (tested: trl 1.16): every SFTTrainer patches the Hugging Face model with TRL's own
+chunked LM head (`trl.trainer.utils.add_fused_lm_head`) and calls it with `fused_lm_head=True`
+for per-token log-probabilities, entropies and top-1 hits; that head reads `lm_head.weight`
+(absent from a quantized or streamed head) and is not the profile's loss. A prepared peft model
+answers the call itself (`FusedHead`): the profile's forward gives the loss and its gradients,
+one more walk over the vocabulary C rows at a time gives the token values (`token_stats`),
+never B x T x V. TRL sums the log-probabilities: its loss equals lowmem's in `best` (FP32
+rounding) and is the exact one in `softmax_approx`; a loss that weighs tokens unequally
+(`loss_type="dft"`, preference trainers) is refused in backward, not given wrong gradients.
+
+Mixed precision: lowmem's layers, checkpointing and losses are FP32 only, so in the rows from
+`quantize` on the forward switches autocast off inside (with a warning) under `bf16=True` /
+`fp16=True` (TRL's default); the earlier rows keep it.
+
 The model owns its offload stores (disk files under `offload_dir`): `with lowmem.prepare(...)
 as model:` or `model.close()` removes them; so does garbage collection of the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -34,11 +49,13 @@ import warnings
 import weakref
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import ROWS, StackConfig
+from lowmem.fused_loss import token_stats
 from lowmem.loader import load_quantized
 from lowmem.loss import check_token_ids, own_head, own_head_loss
 from lowmem.models import base_model, load_from_directory
@@ -138,9 +155,101 @@ class Prepared:
         )
 
 
+class FusedHead:
+    """What `prepare` adds to a peft model's class: TRL's `fused_lm_head=True` call answered
+    by lowmem (see the module docstring); every other call is the model's own."""
+
+    def forward(self, *args, fused_lm_head: bool = False, **kwargs):
+        if not fused_lm_head:
+            return super().forward(*args, **kwargs)
+        from trl.trainer.utils import FusedCausalLMOutput  # only TRL makes this call
+
+        labels, ids = kwargs.get("labels"), kwargs.get("input_ids")
+        if labels is None or ids is None or args or "shift_labels" in kwargs:
+            raise ValueError(
+                "a fused_lm_head=True call needs input_ids= and labels= as keywords (no "
+                "positional inputs, no pre-shifted shift_labels)"
+            )
+        cfg, hf = self.lowmem_config, base_model(self)
+        mask = labels[:, 1:] != IGNORE_INDEX
+        n, hidden = int(mask.sum()), []
+        hook = hf.model.register_forward_hook(lambda m, a, out: hidden.append(out[0].detach()))
+        with _fp32(cfg), hook:
+            if torch.is_grad_enabled():  # the profile's loss, over this batch's n tokens
+                loss = super().forward(**kwargs, num_items_in_batch=max(n, 1)).loss
+            else:  # evaluation: the decoder alone, the loss from the log-probabilities
+                inputs = {k: v for k, v in kwargs.items() if k != "labels"}
+                inputs["position_ids"] = _positions(
+                    kwargs.get("attention_mask"), kwargs.get("position_ids")
+                )
+                hf.model(**inputs)
+            if hidden:
+                rows, targets = hidden[-1][:, :-1][mask], labels[:, 1:][mask]
+                values = token_stats(rows, targets, hf.get_output_embeddings(), cfg.loss_chunk)
+            else:  # no trainable token: the profile gave its zero without running the decoder
+                values = (mask.new_zeros(0, dtype=torch.float32),) * 2 + (mask.new_zeros(0),)
+        log_probs, entropy, is_top1 = (
+            v.new_zeros(mask.shape).masked_scatter(mask, v) for v in values
+        )
+        if torch.is_grad_enabled():
+            log_probs = _SummedLogProbs.apply(loss, log_probs, mask)
+        else:
+            loss = -log_probs.sum() / max(n, 1)
+        return FusedCausalLMOutput(
+            loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask
+        )
+
+
+class _SummedLogProbs(torch.autograd.Function):
+    """Per-token log-probabilities (values) whose gradient is the profile loss's: exact for a
+    loss that sums them with one weight (TRL's NLL); any other weighting is refused."""
+
+    @staticmethod
+    def forward(ctx, loss, log_probs, mask):
+        ctx.save_for_backward(mask)
+        return log_probs.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        g = grad[mask]
+        if g.numel() and not torch.equal(g, g[:1].expand_as(g)):
+            raise ValueError(
+                "a loss that weighs the token log-probabilities unequally (TRL's loss_type='dft', "
+                "a preference or RL trainer) cannot train a lowmem model: its gradient is the "
+                "profile's loss, i.e. their plain sum; use loss_type='nll'"
+            )
+        # loss is the mean of -log p over the n masked tokens: d sum(log p) = -n d loss
+        return -g[:1].sum() * g.numel(), None, None
+
+
+def _fp32(cfg: StackConfig) -> contextlib.AbstractContextManager:
+    """Autocast off inside the model in the rows that use lowmem's FP32-only layers and losses."""
+    devices = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    stack = contextlib.ExitStack()
+    if devices and cfg.enabled("quantize"):
+        warnings.warn(
+            f"the {cfg.stack!r} profile computes in FP32 only (lowmem's quantized layers, "
+            "checkpointing and losses): autocast (bf16 / fp16 mixed precision) is off inside "
+            "the model; pass bf16=False to say so",
+            stacklevel=3,
+        )
+        for d in devices:
+            stack.enter_context(torch.autocast(d, enabled=False))
+    return stack
+
+
+def _positions(attention_mask, position_ids):
+    """Positions that count the real tokens only, when a 2-D mask is given and none are."""
+    if attention_mask is not None and position_ids is None and attention_mask.dim() == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+    return position_ids
+
+
 @functools.cache
 def _prepared_class(cls: type) -> type:
-    return type(f"Lowmem{cls.__name__}", (Prepared, cls), {})
+    bases = (Prepared, FusedHead, cls) if issubclass(cls, PeftModel) else (Prepared, cls)
+    return type(f"Lowmem{cls.__name__}", bases, {})
 
 
 def _loss_forward(hf: PreTrainedModel, cfg: StackConfig):
@@ -152,9 +261,13 @@ def _loss_forward(hf: PreTrainedModel, cfg: StackConfig):
         input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs
     ) -> CausalLMOutputWithPast:
         model = ref()
-        if attention_mask is not None and position_ids is None and attention_mask.dim() == 2:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        position_ids = _positions(attention_mask, position_ids)
         inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        with _fp32(cfg):
+            return _labelled(model, inputs, labels, kwargs)
+
+    def _labelled(model, inputs, labels, kwargs) -> CausalLMOutputWithPast:
+        input_ids = inputs["input_ids"]
         if labels is None or not own_head(cfg):
             return model_forward(model, **inputs, labels=labels, **kwargs)
         if input_ids is None:

@@ -120,3 +120,30 @@ class _ChunkedLogits(torch.autograd.Function):
 def _local_targets(targets, start, stop):
     inside = (targets >= start) & (targets < stop)
     return inside, (targets - start).clamp(0, stop - start - 1)
+
+
+@torch.no_grad()
+def token_stats(
+    rows: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(target), entropy and top-1 hit (ties count) of softmax(rows W^T) per row (N x D,
+    N), W the frozen head read C rows at a time: online log-sum-exp as in lowmem.fused_loss,
+    one N x C block and its exponentials alive, never N x V; FP32."""
+    n, vocab = rows.shape[0], head.out_features
+    m = rows.new_full((n,), float("-inf"))
+    s, zs, picked = rows.new_zeros(n), rows.new_zeros(n), rows.new_zeros(n)
+    for a in range(0, vocab, chunk):
+        b = min(a + chunk, vocab)
+        z = rows @ head_rows(head, a, b).T
+        new_m = torch.maximum(m, z.amax(dim=1))
+        rescale = torch.exp(m - new_m)
+        e = (z - new_m[:, None]).exp_()
+        s = s * rescale + e.sum(dim=1)
+        zs = zs * rescale + e.mul_(z).sum(dim=1)  # sum of exp(z - m) z, for the entropy
+        m = new_m
+        inside = (targets >= a) & (targets < b)
+        local = (targets - a).clamp(0, b - a - 1)
+        picked = torch.where(inside, z.gather(1, local[:, None]).squeeze(1), picked)
+        del z, e
+    lse = m + torch.log(s)
+    return picked - lse, lse - zs / s, picked >= m
