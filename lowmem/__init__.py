@@ -5,6 +5,7 @@ Reproduces and extends arXiv 2606.19528. In your own code:
     model = lowmem.prepare(hf_model_or_directory, "best")   # then any training loop
     model.save_pretrained(adapter_dir)                      # a stock PEFT adapter
     lowmem.merge(model, merged_dir)                         # or base + adapter, FP32
+    lowmem.convert(hf_directory, out_dir, "best")           # INT4 once; prepare(out_dir, ...)
 
 One module per technique; `lowmem.reference` holds the plain versions they are tested against.
 The experiments: `python -m lowmem --help`.
@@ -19,6 +20,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 __version__ = "0.1.0"
 
 from lowmem.api import plan, prepare  # noqa: E402  (after the logging setting above)
+from lowmem.convert import convert  # noqa: E402
 from lowmem.merge import merge  # noqa: E402
 
-__all__ = ["merge", "plan", "prepare"]
+__all__ = ["convert", "merge", "plan", "prepare"]

@@ -1,5 +1,5 @@
 """Command line: `python -m lowmem {measure,speed,grid,table1,table,figures,train,quality,assets,
-export-base,clean} --help`."""
+export-base,convert,clean} --help`."""
 
 from __future__ import annotations
 
@@ -145,6 +145,7 @@ def _assets(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from lowmem.converted import check_loadable
     from lowmem.models import get_spec, load_config, read_config
     from lowmem.resume import check_run
     from lowmem.train import make_config, run_identity, train, training_model
@@ -169,6 +170,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"bad --limit {args.limit}: must be an integer >= 1 (or left out)")
     config = load_config(args.model) if args.model_path is None else read_config(args.model_path)
+    if args.model_path is not None:  # a converted directory this row cannot load
+        check_loadable(Path(args.model_path), cfg.stack)
     cfg.stack.check_model(config.vocab_size)
     _check_offload(cfg.stack)
     has_weights = args.model_path or get_spec(args.model).gguf_asset
@@ -203,6 +206,25 @@ def _export_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from lowmem.convert import convert
+    from lowmem.converted import MANIFEST
+
+    settings = {  # lora_targets stays a string: comma-separated, as StackConfig splits it
+        k: v if k == "lora_targets" else parse_value(StackConfig, k, v)
+        for k, v in given_fields(args, StackConfig).items()
+    }
+    out = convert(args.model_dir, args.out_dir, args.profile, force=args.force, **settings)
+    manifest = json.loads((out / MANIFEST).read_text())
+    print(
+        f"{manifest['parameters']} parameters in {manifest['tensor_bytes']} bytes "
+        f"({manifest['bytes_per_parameter']:.4f} per parameter)",
+        file=sys.stderr,
+    )
+    print(out)
+    return 0
+
+
 def _clean(args: argparse.Namespace) -> int:
     from lowmem.offload import check_offload_root, remove_stale_dirs
 
@@ -226,6 +248,7 @@ _COMMANDS = {
     "assets": _assets,
     "train": _train,
     "export-base": _export_base,
+    "convert": _convert,
     "clean": _clean,
 }
 

@@ -12,12 +12,15 @@ import contextlib
 import functools
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 from lowmem import paper, results
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import StackConfig
+from lowmem.converted import check_loadable
+from lowmem.loader import load_quantized, loads_by_tensor, skeleton
 from lowmem.loss import compute_loss
 from lowmem.memory import METERS, ProcessRss, meter_context
 from lowmem.meter import measure_step
@@ -25,6 +28,7 @@ from lowmem.models import (
     build_model,
     count_parameters,
     get_spec,
+    read_config,
     stored_weight_bytes,
     weights_identity,
 )
@@ -42,6 +46,8 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
             "cpu or cuda meter to measure real ones"
         )
     weights = weights_identity(model_path) if model_path is not None else None
+    if model_path is not None:  # a converted directory this row cannot load: refused up front
+        check_loadable(Path(model_path), cfg)
     rid = results.run_id(model_name, cfg, meter, weights)  # refuses a name unsafe for a file
     start = time.perf_counter()
     metrics, error, status = {}, None, "ok"
@@ -53,10 +59,14 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
             torch.manual_seed(cfg.seed)
             process = ProcessRss()
             process.start()
-            init = "fake" if meter == "simulated" else "random"
-            model = build_model(model_name, init, dev, model_path)
-            n_params = count_parameters(model)[0]
-            model = apply_stack(model, cfg, meter)
+            if loads_by_tensor(cfg, model_path):  # never the FP32 model (lowmem.loader)
+                n_params = count_parameters(skeleton(read_config(model_path)))[0]
+                model = load_quantized(model_path, cfg, meter, device=dev)
+            else:
+                init = "fake" if meter == "simulated" else "random"
+                model = build_model(model_name, init, dev, model_path)
+                n_params = count_parameters(model)[0]
+                model = apply_stack(model, cfg, meter)
             ckpt = checkpointing_of(model)
             streamed = 0
             if ckpt is not None:

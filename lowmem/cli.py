@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from lowmem import assets, paper
+from lowmem.api import BENCHMARK_FIELDS
 from lowmem.config import ROWS, StackConfig
 from lowmem.memory import METERS
 from lowmem.models import REGISTRY
@@ -195,6 +196,22 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     x.add_argument("model", choices=list(REGISTRY), help="registered model")
     x.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
     x.add_argument("--model-path", help="local Hugging Face directory with real weights")
+
+    v = sub.add_parser(
+        "convert",
+        help="quantize a Hugging Face directory once, for a device that trains from the result",
+        description="Write the weights of MODEL_DIR (a Hugging Face directory: config.json + "
+        "*.safetensors) as the profile stores them (packed codes + scales, FP32 norms) into "
+        "OUT_DIR, with config.json, the tokenizer files and a manifest (lowmem.json): train, "
+        "measure and lowmem.prepare load OUT_DIR directly. Reads one tensor at a time (the FP32 "
+        "model never exists); OUT_DIR must be new or empty, and is written atomically.",
+    )
+    v.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory")
+    v.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
+    quantizing = [r for r in ROWS if StackConfig(stack=r).enabled("quantize")]
+    v.add_argument("--profile", default="best", choices=quantizing, help="row whose settings apply")
+    v.add_argument("--force", action="store_true", help="replace an earlier conversion in OUT_DIR")
+    add_field_options(v, StackConfig, skip=("stack", *BENCHMARK_FIELDS))
 
     c = sub.add_parser(
         "clean",

@@ -26,6 +26,10 @@ SmolLM2-135M (FP32 on disk, 513 MiB): tracked peak 227 MiB, of which 80 MiB quan
 and 108 MiB the mapped FP32 embedding. Every shard is checked against the skeleton
 (present, readable, every tensor's shape and dtype) before any weight is read; a bad one is
 refused with one error naming the file.
+
+A converted directory (`lowmem.convert`, recognised by its manifest, `lowmem.converted`) gives
+the same model from its packed tensors, read as they are: step 3 reads codes and scales instead
+of quantizing. `loads_by_tensor` says when a run loads through here rather than whole.
 """
 
 from __future__ import annotations
@@ -37,26 +41,38 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from lowmem.attention import set_gqa
 from lowmem.config import StackConfig
+from lowmem.converted import INDEX, MANIFEST, check_loadable, expected_tensors, unpacker
 from lowmem.models import ModelError, base_model, check_model_dir, read_config
 from lowmem.quant_linear import apply_quantize
 from lowmem.quantize import QuantizedWeight, quantize
 from lowmem.stack import apply_after_quantize, apply_lora
 
-DISK_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DISK_DTYPES = ("BF16", "F16", "F32")  # as safetensors names them
 BLOCK_BYTES = 16 * 2**20  # FP32 rows quantized at a time
 
 
+def loads_by_tensor(cfg: StackConfig, model_path: str | Path | None) -> bool:
+    """Whether a run of `cfg` on `model_path` loads through `load_quantized`: a directory under
+    a row that quantizes with the lowmem backend, whose FP32 model is never needed."""
+    return model_path is not None and cfg.enabled("quantize") and cfg.quant_backend == "lowmem"
+
+
 def load_quantized(
-    model_dir: str | Path, cfg: StackConfig, meter: str = "cpu", block_bytes: int = BLOCK_BYTES
+    model_dir: str | Path,
+    cfg: StackConfig,
+    meter: str = "cpu",
+    block_bytes: int = BLOCK_BYTES,
+    device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
-    """The model in `model_dir` under the row `cfg` (one that quantizes with the lowmem
-    backend), as `apply_stack(load_from_directory(model_dir), cfg, meter)` gives it, on the
-    CPU, without ever holding the FP32 model."""
-    if not cfg.enabled("quantize") or cfg.quant_backend != "lowmem":
+    """The model in `model_dir` (a Hugging Face or a converted directory) under the row `cfg`
+    (one that quantizes with the lowmem backend), as `apply_stack(load_from_directory(model_dir),
+    cfg, meter)` gives it, without ever holding the FP32 model; built on the CPU, moved to
+    `device` once quantized, before the techniques that follow quantization."""
+    if not loads_by_tensor(cfg, model_dir):
         raise ValueError(
             f"load_quantized builds rows that quantize with the lowmem backend; got stack="
             f"{cfg.stack!r}, quant_backend={cfg.quant_backend!r} (load the others whole)"
@@ -64,43 +80,91 @@ def load_quantized(
     if block_bytes <= 0:
         raise ValueError(f"bad block_bytes={block_bytes}: must be > 0")
     path = check_model_dir(model_dir)
+    manifest = check_loadable(path, cfg)
     config = read_config(path)
     cfg.check_model(config.vocab_size)
+    model = skeleton(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    with contextlib.ExitStack() as files:
+        if manifest is None:
+            shards = open_shards(path, {k: (s, DISK_DTYPES) for k, s in shapes.items()}, files)
+
+            def packed(key: str, w: torch.Tensor) -> QuantizedWeight:
+                return read_quantized(shards, key, tuple(w.shape), cfg, block_bytes)
+
+        else:
+            expected = expected_tensors(shapes, manifest["quantization"])
+            shards = open_shards(
+                path, expected, files, INDEX, None, f"the config.json and {MANIFEST}"
+            )
+            packed = unpacker(shards.read, manifest["quantization"])
+            model.config._name_or_path = manifest["source"]["path"]  # the FP32 base of adapters
+        placeholders = _placeholders(model)
+        set_gqa(model, cfg.gqa_mode)
+        model = apply_lora(model, cfg)
+        _materialize(base_model(model), shards.rows, packed, placeholders, cfg)
+    return apply_after_quantize(model.to(device), cfg, meter)
+
+
+def skeleton(config: PretrainedConfig) -> torch.nn.Module:
+    """The model of `config` (FP32, SDPA, train mode) on the meta device: no weight exists;
+    only the computed buffers (rotary frequencies) are real, on the CPU."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             config, dtype=torch.float32, attn_implementation="sdpa"
         )
     model.train()
     _rebuild_buffers(model, config)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    with contextlib.ExitStack() as files:
-        shards = _open_shards(path, expected, files)
-        placeholders = _placeholders(model)
-        set_gqa(model, cfg.gqa_mode)
-        model = apply_lora(model, cfg)
-        _materialize(base_model(model), shards, placeholders, cfg, block_bytes)
-    return apply_after_quantize(model, cfg, meter)
+    return model
 
 
-class _Shards:
-    """The open safetensors files and which holds each tensor; reads FP32 rows of one."""
+def read_quantized(
+    shards: Shards, key: str, shape: tuple[int, int], cfg: StackConfig, block_bytes: int
+) -> QuantizedWeight:
+    """The weight `key` read from its shard and quantized under `cfg`, `block_bytes` of FP32
+    rows at a time."""
+    return quantize_by_rows(
+        lambda a, b: shards.rows(key, a, b),
+        shape,
+        cfg.quant_bits,
+        cfg.quant_group_size,
+        cfg.quant_symmetric,
+        max(1, block_bytes // (4 * shape[1])),
+    )
+
+
+class Shards:
+    """The open safetensors files and which holds each tensor; reads rows of one."""
 
     def __init__(self, where: dict[str, Path], handles: dict[Path, object]) -> None:
         self.where, self.handles = where, handles
 
-    def rows(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor `key` (rows start:stop of it) in its dtype on disk."""
         file = self.where[key]
         try:
             handle = self.handles[file]
-            t = handle.get_tensor(key) if start is None else handle.get_slice(key)[start:stop]
-            return t.to(torch.float32)
+            return handle.get_tensor(key) if start is None else handle.get_slice(key)[start:stop]
         except (SafetensorError, OSError, RuntimeError) as err:
             raise ModelError(f"cannot read tensor {key!r} from {str(file)!r}: {err}") from err
 
+    def rows(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """`read`, in FP32."""
+        return self.read(key, start, stop).to(torch.float32)
 
-def _open_shards(path: Path, expected: dict[str, tuple], files: contextlib.ExitStack) -> _Shards:
-    """Open the model's shard(s); check every expected tensor's presence, shape and dtype."""
-    index = path / "model.safetensors.index.json"
+
+def open_shards(
+    path: Path,
+    expected: dict[str, tuple[tuple, tuple[str, ...]]],
+    files: contextlib.ExitStack,
+    index_name: str = "model.safetensors.index.json",
+    single_name: str | None = "model.safetensors",
+    rule: str = "the config.json",
+) -> Shards:
+    """Open a model's shard(s) (one `single_name` file, or those `index_name` maps); check that
+    every expected tensor ({key: (shape, allowed dtypes)}, what `rule` of the directory
+    requires) is present with its shape and dtype. Files stay open until `files` closes."""
+    index = path / index_name
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -108,14 +172,12 @@ def _open_shards(path: Path, expected: dict[str, tuple], files: contextlib.ExitS
             raise ModelError(f"bad safetensors index {str(index)!r}: {err!r}") from err
         where = {key: path / weight_map[key] for key in expected if key in weight_map}
         missing, source = [k for k in expected if k not in weight_map], index
-    else:
-        single = path / "model.safetensors"
-        if not single.is_file():
-            raise ModelError(
-                f"model_path {str(path)!r} has neither model.safetensors nor "
-                "model.safetensors.index.json"
-            )
+    elif single_name is not None and (path / single_name).is_file():
+        single = path / single_name
         where, missing, source = dict.fromkeys(expected, single), [], single
+    else:
+        wanted = f"neither {single_name} nor {index_name}" if single_name else f"no {index_name}"
+        raise ModelError(f"model_path {str(path)!r} has {wanted}")
     handles = {}
     for file in sorted(set(where.values())):
         if not file.is_file():
@@ -130,12 +192,13 @@ def _open_shards(path: Path, expected: dict[str, tuple], files: contextlib.ExitS
     for key, file in where.items():
         piece = handles[file].get_slice(key)
         shape, dtype = tuple(piece.get_shape()), piece.get_dtype()
-        if shape != expected[key] or dtype not in ("BF16", "F16", "F32"):
+        need, dtypes = expected[key]
+        if shape != need or dtype not in dtypes:
             raise ModelError(
-                f"tensor {key!r} in {str(file)!r} is {dtype} {shape}; the config.json of "
-                f"{str(path)!r} needs shape {expected[key]} in BF16, F16 or F32"
+                f"tensor {key!r} in {str(file)!r} is {dtype} {shape}; {rule} of "
+                f"{str(path)!r} needs shape {need} in {' or '.join(dtypes)}"
             )
-    return _Shards(where, handles)
+    return Shards(where, handles)
 
 
 def _rebuild_buffers(model: torch.nn.Module, config) -> None:
@@ -163,26 +226,15 @@ def _placeholders(model: torch.nn.Module) -> set[int]:
     return {id(p) for p in made.values()}
 
 
-def _materialize(base, shards: _Shards, placeholders: set[int], cfg: StackConfig, block: int):
-    """Replace every placeholder: norms and biases loaded first (FP32, frozen, as loaded
-    whole), then `apply_quantize` quantizes the linears, embedding and head from the shards."""
+def _materialize(base, rows, packed, placeholders: set[int], cfg: StackConfig) -> None:
+    """Replace every placeholder: norms and biases first (`rows(name)`, FP32, frozen, as loaded
+    whole), then `apply_quantize` takes the linears, embedding and head from `packed`."""
     for name, p in list(base.named_parameters()):
         if id(p) in placeholders and p.dim() == 1:
-            loaded = shards.rows(name.replace(".base_layer", ""))
+            loaded = rows(name.replace(".base_layer", ""))
             parent, _, child = name.rpartition(".")
             module = base.get_submodule(parent)
             module._parameters[child] = torch.nn.Parameter(loaded, requires_grad=p.requires_grad)
-
-    def packed(key: str, w: torch.Tensor) -> QuantizedWeight:
-        return quantize_by_rows(
-            lambda a, b: shards.rows(key, a, b),
-            tuple(w.shape),
-            cfg.quant_bits,
-            cfg.quant_group_size,
-            cfg.quant_symmetric,
-            max(1, block // (4 * w.shape[1])),
-        )
-
     apply_quantize(
         base,
         cfg.quant_bits,

@@ -154,6 +154,9 @@ def load_from_directory(model_path: str | Path) -> PreTrainedModel:
     """Load real weights from a local Hugging Face directory, with one clear error if unusable."""
     path = check_model_dir(model_path)
     read_config(path)
+    from lowmem.converted import refuse_whole  # here: lowmem.converted builds on this module
+
+    refuse_whole(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, attn_implementation="sdpa", local_files_only=True

@@ -45,6 +45,7 @@ from transformers import get_scheduler
 
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import StackConfig, check_types, parse_spec, parse_value
+from lowmem.loader import load_quantized, loads_by_tensor
 from lowmem.loss import check_token_ids
 from lowmem.meter import StepMeter
 from lowmem.models import build_model
@@ -183,9 +184,13 @@ def training_model(
     device: str | torch.device = "cpu",
     model_path: str | None = None,
 ) -> Iterator[torch.nn.Module]:
-    """A registered model under a stack row (seeded by stack.seed); offload files go at exit."""
+    """A registered model under a stack row (seeded by stack.seed); offload files go at exit.
+    A directory under a row that quantizes with the lowmem backend loads a tensor at a time."""
     torch.manual_seed(stack.seed)
-    model = apply_stack(build_model(name, init, device, model_path), stack)
+    if loads_by_tensor(stack, model_path):  # never the FP32 model (lowmem.loader)
+        model = load_quantized(model_path, stack, device=device)
+    else:
+        model = apply_stack(build_model(name, init, device, model_path), stack)
     try:
         yield model
     finally:

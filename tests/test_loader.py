@@ -21,6 +21,10 @@ BLOCK = 7 * 64 * 4  # 7 rows of a D=64 weight: blocks that do not divide the 512
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
+    return save_checkpoints(tmp_path_factory)
+
+
+def save_checkpoints(tmp_path_factory) -> dict:
     """Each tiny model saved as a stock checkpoint would be: BF16, in several shards."""
     out = {}
     for name in TINY_MODELS:
