@@ -40,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM
 
 from lowmem.attention import set_gqa
-from lowmem.config import StackConfig
+from lowmem.config import Techniques
 from lowmem.models import ModelError, base_model, check_model_dir, read_config
 from lowmem.quant_linear import apply_quantize
 from lowmem.quantize import QuantizedWeight, quantize
@@ -51,21 +51,22 @@ BLOCK_BYTES = 16 * 2**20  # FP32 rows quantized at a time
 
 
 def load_quantized(
-    model_dir: str | Path, cfg: StackConfig, meter: str = "cpu", block_bytes: int = BLOCK_BYTES
+    model_dir: str | Path, cfg: Techniques, meter: str = "cpu", block_bytes: int = BLOCK_BYTES
 ) -> torch.nn.Module:
     """The model in `model_dir` under the row `cfg` (one that quantizes with the lowmem
     backend), as `apply_stack(load_from_directory(model_dir), cfg, meter)` gives it, on the
     CPU, without ever holding the FP32 model."""
-    if not cfg.enabled("quantize") or cfg.quant_backend != "lowmem":
+    if not cfg.enabled("quantize") or cfg.quant.backend != "lowmem":
         raise ValueError(
             f"load_quantized builds rows that quantize with the lowmem backend; got stack="
-            f"{cfg.stack!r}, quant_backend={cfg.quant_backend!r} (load the others whole)"
+            f"{cfg.stack!r}, quant_backend={cfg.quant.backend!r} (load the others whole)"
         )
     if block_bytes <= 0:
         raise ValueError(f"bad block_bytes={block_bytes}: must be > 0")
     path = check_model_dir(model_dir)
     config = read_config(path)
     cfg.check_model(config.vocab_size)
+    cfg = cfg.resolved()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
             config, dtype=torch.float32, attn_implementation="sdpa"
@@ -76,7 +77,7 @@ def load_quantized(
     with contextlib.ExitStack() as files:
         shards = _open_shards(path, expected, files)
         placeholders = _placeholders(model)
-        set_gqa(model, cfg.gqa_mode)
+        set_gqa(model, cfg.kernels.gqa)
         model = apply_lora(model, cfg)
         _materialize(base_model(model), shards, placeholders, cfg, block_bytes)
     return apply_after_quantize(model, cfg, meter)
@@ -163,7 +164,7 @@ def _placeholders(model: torch.nn.Module) -> set[int]:
     return {id(p) for p in made.values()}
 
 
-def _materialize(base, shards: _Shards, placeholders: set[int], cfg: StackConfig, block: int):
+def _materialize(base, shards: _Shards, placeholders: set[int], cfg: Techniques, block: int):
     """Replace every placeholder: norms and biases loaded first (FP32, frozen, as loaded
     whole), then `apply_quantize` quantizes the linears, embedding and head from the shards."""
     for name, p in list(base.named_parameters()):
@@ -177,18 +178,18 @@ def _materialize(base, shards: _Shards, placeholders: set[int], cfg: StackConfig
         return quantize_by_rows(
             lambda a, b: shards.rows(key, a, b),
             tuple(w.shape),
-            cfg.quant_bits,
-            cfg.quant_group_size,
-            cfg.quant_symmetric,
+            cfg.quant.bits,
+            cfg.quant.group_size,
+            cfg.quant.symmetric,
             max(1, block // (4 * w.shape[1])),
         )
 
     apply_quantize(
         base,
-        cfg.quant_bits,
-        cfg.quant_group_size,
-        cfg.quant_symmetric,
-        chunk=cfg.resolved_dequant_chunk,
+        cfg.quant.bits,
+        cfg.quant.group_size,
+        cfg.quant.symmetric,
+        chunk=cfg.kernels.dequant_chunk,
         packed=packed,
     )
     left = [n for n, p in base.named_parameters() if id(p) in placeholders]
