@@ -10,9 +10,10 @@ import sys
 
 from lowmem import assets, results, tables
 from lowmem.cli import build_parser
-from lowmem.config import ROWS, StackConfig, parse_spec, parse_value
+from lowmem.config import ROWS, StackConfig, parse_spec
 from lowmem.offload import OffloadError, check_offload_root
 from lowmem.options import given_fields
+from lowmem.settings import parse_value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,7 @@ def _one_line(err: BaseException) -> str:
 def _measure(args: argparse.Namespace) -> int:
     from lowmem.bench import run_cell
 
-    options = {  # lora_targets stays a string: comma-separated, as StackConfig splits it
+    options = {  # lora_targets stays a string: comma-separated, as LoraSettings splits it
         k: v if k == "lora_targets" else parse_value(StackConfig, k, v)
         for k, v in given_fields(args, StackConfig).items()
     }
@@ -195,8 +196,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _check_offload(cfg) -> None:
     """Refuse a bad offload folder before any work, where the row writes to one."""
-    if cfg.enabled("checkpoint") and cfg.offload == "disk":
-        check_offload_root(cfg.offload_dir)
+    if cfg.enabled("checkpoint") and cfg.checkpoint.offload == "disk":
+        check_offload_root(cfg.checkpoint.offload_dir)
 
 
 def _export_base(args: argparse.Namespace) -> int:

@@ -42,7 +42,6 @@ as model:` or `model.close()` removes them; so does garbage collection of the mo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import warnings
@@ -54,31 +53,30 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lowmem.checkpoint import checkpointing_of
-from lowmem.config import ROWS, StackConfig
+from lowmem.config import BENCHMARK_INPUTS, ROWS, Techniques
 from lowmem.fused_loss import token_stats
 from lowmem.loader import load_quantized
 from lowmem.loss import check_token_ids, own_head, own_head_loss
 from lowmem.models import base_model, load_from_directory
 from lowmem.reference import IGNORE_INDEX
+from lowmem.settings import SECTIONS, flat_fields
 from lowmem.stack import apply_stack
 
-# inputs of a benchmark step (lowmem.stack.benchmark_batch), not settings of a technique
-BENCHMARK_FIELDS = ("stack", "seq_len", "batch_size", "trainable_fraction", "seed")
-SETTINGS = tuple(f.name for f in dataclasses.fields(StackConfig) if f.name not in BENCHMARK_FIELDS)
+SETTINGS = (*(name for name in flat_fields(Techniques) if name != "stack"), *SECTIONS)
 
 
-def plan(profile: str = "best", **settings) -> StackConfig:
+def plan(profile: str = "best", **settings) -> Techniques:
     """The concrete configuration `prepare` applies: the profile with `settings` over its
     defaults, every `auto` (-1) resolved; refused with one line if it cannot be honoured."""
     if profile not in ROWS:
         raise ValueError(f"bad profile={profile!r}: must be one of {', '.join(ROWS)}")
     for name in settings:
         if name not in SETTINGS:
-            hint = " (a benchmark input, not a setting)" if name in BENCHMARK_FIELDS else ""
+            hint = " (a benchmark input, not a setting)" if name in BENCHMARK_INPUTS else ""
             raise ValueError(
                 f"bad setting {name!r}{hint}: lowmem.prepare takes {', '.join(SETTINGS)}"
             )
-    return StackConfig(stack=profile, **settings).resolved()
+    return Techniques.from_flat(profile, **settings).resolved()
 
 
 def prepare(
@@ -95,7 +93,7 @@ def prepare(
     """
     cfg = plan(profile, **settings)
     if isinstance(model, str | os.PathLike):
-        if cfg.enabled("quantize") and cfg.quant_backend == "lowmem":  # never FP32 whole
+        if cfg.enabled("quantize") and cfg.quant.backend == "lowmem":  # never FP32 whole
             return _take_over(load_quantized(model, cfg), cfg)
         model = load_from_directory(model)
     if isinstance(model, Prepared):
@@ -109,7 +107,7 @@ def prepare(
     return _take_over(apply_stack(model, cfg, "cuda" if device.type == "cuda" else "cpu"), cfg)
 
 
-def _take_over(prepared: torch.nn.Module, cfg: StackConfig) -> torch.nn.Module:
+def _take_over(prepared: torch.nn.Module, cfg: Techniques) -> torch.nn.Module:
     """Install the profile's forward and `Prepared`'s methods on a model under `cfg`."""
     hf = base_model(prepared)
     hf.forward = _loss_forward(hf, cfg)
@@ -185,7 +183,9 @@ class FusedHead:
                 hf.model(**inputs)
             if hidden:
                 rows, targets = hidden[-1][:, :-1][mask], labels[:, 1:][mask]
-                values = token_stats(rows, targets, hf.get_output_embeddings(), cfg.loss_chunk)
+                values = token_stats(
+                    rows, targets, hf.get_output_embeddings(), cfg.kernels.loss_chunk
+                )
             else:  # no trainable token: the profile gave its zero without running the decoder
                 values = (mask.new_zeros(0, dtype=torch.float32),) * 2 + (mask.new_zeros(0),)
         log_probs, entropy, is_top1 = (
@@ -223,7 +223,7 @@ class _SummedLogProbs(torch.autograd.Function):
         return -g[:1].sum() * g.numel(), None, None
 
 
-def _fp32(cfg: StackConfig) -> contextlib.AbstractContextManager:
+def _fp32(cfg: Techniques) -> contextlib.AbstractContextManager:
     """Autocast off inside the model in the rows that use lowmem's FP32-only layers and losses."""
     devices = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
     stack = contextlib.ExitStack()
@@ -252,7 +252,7 @@ def _prepared_class(cls: type) -> type:
     return type(f"Lowmem{cls.__name__}", bases, {})
 
 
-def _loss_forward(hf: PreTrainedModel, cfg: StackConfig):
+def _loss_forward(hf: PreTrainedModel, cfg: Techniques):
     """The forward `prepare` installs on the Hugging Face model (held weakly: no cycle)."""
     ref = weakref.ref(hf)
     model_forward = type(hf).forward

@@ -7,7 +7,7 @@ compute the same attention but differ in memory, because SDPA saves its K and V 
 backward: with repeat_kv those are 2 x (query heads x head dim) floats per token per layer,
 2 x 3072 x 4 B x 28 layers = 0.66 GiB per 1024 tokens on Llama-3.2 3B, against 0.22 GiB
 native. Table 1's numbers imply repeat_kv up to `+ LoRA` and native from `+ Quantization` on
-(`StackConfig.gqa_mode`; experiments/LOG.md).
+(`KernelSettings.gqa`; experiments/LOG.md).
 
 transformers' own "sdpa" attention decides by device and mask (`use_gqa_in_sdpa`), so lowmem
 registers one attention implementation per path with transformers' `AttentionInterface`,

@@ -9,8 +9,7 @@ from __future__ import annotations
 import argparse
 
 from lowmem import assets, paper
-from lowmem.api import BENCHMARK_FIELDS
-from lowmem.config import ROWS, StackConfig
+from lowmem.config import BENCHMARK_INPUTS, ROWS, StackConfig
 from lowmem.memory import METERS
 from lowmem.models import REGISTRY
 from lowmem.options import add_field_options
@@ -211,7 +210,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     quantizing = [r for r in ROWS if StackConfig(stack=r).enabled("quantize")]
     v.add_argument("--profile", default="best", choices=quantizing, help="row whose settings apply")
     v.add_argument("--force", action="store_true", help="replace an earlier conversion in OUT_DIR")
-    add_field_options(v, StackConfig, skip=("stack", *BENCHMARK_FIELDS))
+    add_field_options(v, StackConfig, skip=("stack", *BENCHMARK_INPUTS))
 
     c = sub.add_parser(
         "clean",

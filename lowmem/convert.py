@@ -94,7 +94,7 @@ def convert(
     cfg = plan(profile, **settings)
     if not loads_by_tensor(cfg, model_dir):
         raise ValueError(
-            f"bad profile={profile!r} with quant_backend={cfg.quant_backend!r}: convert needs "
+            f"bad profile={profile!r} with quant_backend={cfg.quant.backend!r}: convert needs "
             "a profile that quantizes with the lowmem backend (quantize, checkpoint, "
             "softmax_approx, logits_mask, best)"
         )

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem.config import StackConfig
+from lowmem.config import Techniques
 from lowmem.models import ModelError
 from lowmem.quantize import QuantizedWeight, check_format
 
@@ -43,12 +43,12 @@ FORMAT = "lowmem-quantized"
 VERSION = 1
 
 
-def quant_settings(cfg: StackConfig) -> dict:
+def quant_settings(cfg: Techniques) -> dict:
     """The settings that decide the stored bytes, as the manifest records them."""
     return {
-        "bits": cfg.quant_bits,
-        "group_size": cfg.quant_group_size,
-        "symmetric": cfg.quant_symmetric,
+        "bits": cfg.quant.bits,
+        "group_size": cfg.quant.group_size,
+        "symmetric": cfg.quant.symmetric,
     }
 
 
@@ -115,11 +115,11 @@ def refuse_whole(path: Path) -> None:
         )
 
 
-def check_loadable(path: Path, cfg: StackConfig) -> dict | None:
+def check_loadable(path: Path, cfg: Techniques) -> dict | None:
     """The manifest of a converted directory that `cfg` can load (None when `path` is not
     one); refused, before any weight is read, under a row that would load it whole or under
     quantization settings other than those it was converted with (naming both)."""
-    if not (cfg.enabled("quantize") and cfg.quant_backend == "lowmem"):
+    if not (cfg.enabled("quantize") and cfg.quant.backend == "lowmem"):
         refuse_whole(path)
         return None
     manifest = read_manifest(path)

@@ -16,7 +16,6 @@ through papermill (the grids, `make reproduce`) or in process (`python -m lowmem
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import tempfile
 from pathlib import Path
@@ -29,10 +28,11 @@ from lowmem import results
 from lowmem.config import StackConfig
 from lowmem.memory import METERS
 from lowmem.models import REGISTRY
+from lowmem.settings import flat_fields
 
 DEFAULTS = results.REPO_ROOT / "experiments" / "defaults.yaml"
 RUN_NOTEBOOK = results.REPO_ROOT / "notebooks" / "run_cell.ipynb"
-_FIELDS = tuple(f.name for f in dataclasses.fields(StackConfig))
+_FIELDS = tuple(flat_fields(StackConfig))
 _KEYS = ("model", "meter", "experiment", *_FIELDS)
 _SECTIONS = ("axes", "overrides")  # a grid.yaml's top-level keys
 _EG = "{stack: [lora, best], seq_len: [1024, 2048]}"
@@ -40,7 +40,7 @@ _EG = "{stack: [lora, best], seq_len: [1024, 2048]}"
 
 def config_from_parameters(params: dict) -> StackConfig:
     """The StackConfig of a cell's (or a notebook namespace's) flat parameters."""
-    return StackConfig(**{k: params[k] for k in _FIELDS if k in params})
+    return StackConfig.from_flat(**{k: params[k] for k in _FIELDS if k in params})
 
 
 def check_cell(params: dict) -> StackConfig:
@@ -207,7 +207,7 @@ def _in_process(experiment: str, model: str, cfg: StackConfig, meter: str, force
 
 def _papermill(experiment: str, model: str, cfg: StackConfig, meter: str, force: bool) -> bool:
     params = {**cfg.to_dict(), "model": model, "meter": meter, "experiment": experiment}
-    params["lora_targets"] = ",".join(cfg.lora_targets)
+    params["lora_targets"] = ",".join(cfg.lora.targets)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             papermill.execute_notebook(

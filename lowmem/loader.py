@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from lowmem.attention import set_gqa
-from lowmem.config import StackConfig
+from lowmem.config import Techniques
 from lowmem.converted import INDEX, MANIFEST, check_loadable, expected_tensors, unpacker
 from lowmem.models import ModelError, base_model, check_model_dir, read_config
 from lowmem.quant_linear import apply_quantize
@@ -55,15 +55,15 @@ DISK_DTYPES = ("BF16", "F16", "F32")  # as safetensors names them
 BLOCK_BYTES = 16 * 2**20  # FP32 rows quantized at a time
 
 
-def loads_by_tensor(cfg: StackConfig, model_path: str | Path | None) -> bool:
+def loads_by_tensor(cfg: Techniques, model_path: str | Path | None) -> bool:
     """Whether a run of `cfg` on `model_path` loads through `load_quantized`: a directory under
     a row that quantizes with the lowmem backend, whose FP32 model is never needed."""
-    return model_path is not None and cfg.enabled("quantize") and cfg.quant_backend == "lowmem"
+    return model_path is not None and cfg.enabled("quantize") and cfg.quant.backend == "lowmem"
 
 
 def load_quantized(
     model_dir: str | Path,
-    cfg: StackConfig,
+    cfg: Techniques,
     meter: str = "cpu",
     block_bytes: int = BLOCK_BYTES,
     device: str | torch.device = "cpu",
@@ -75,7 +75,7 @@ def load_quantized(
     if not loads_by_tensor(cfg, model_dir):
         raise ValueError(
             f"load_quantized builds rows that quantize with the lowmem backend; got stack="
-            f"{cfg.stack!r}, quant_backend={cfg.quant_backend!r} (load the others whole)"
+            f"{cfg.stack!r}, quant_backend={cfg.quant.backend!r} (load the others whole)"
         )
     if block_bytes <= 0:
         raise ValueError(f"bad block_bytes={block_bytes}: must be > 0")
@@ -83,6 +83,7 @@ def load_quantized(
     manifest = check_loadable(path, cfg)
     config = read_config(path)
     cfg.check_model(config.vocab_size)
+    cfg = cfg.resolved()
     model = skeleton(config)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     with contextlib.ExitStack() as files:
@@ -100,7 +101,7 @@ def load_quantized(
             packed = unpacker(shards.read, manifest["quantization"])
             model.config._name_or_path = manifest["source"]["path"]  # the FP32 base of adapters
         placeholders = _placeholders(model)
-        set_gqa(model, cfg.gqa_mode)
+        set_gqa(model, cfg.kernels.gqa)
         model = apply_lora(model, cfg)
         _materialize(base_model(model), shards.rows, packed, placeholders, cfg)
     return apply_after_quantize(model.to(device), cfg, meter)
@@ -119,16 +120,16 @@ def skeleton(config: PretrainedConfig) -> torch.nn.Module:
 
 
 def read_quantized(
-    shards: Shards, key: str, shape: tuple[int, int], cfg: StackConfig, block_bytes: int
+    shards: Shards, key: str, shape: tuple[int, int], cfg: Techniques, block_bytes: int
 ) -> QuantizedWeight:
     """The weight `key` read from its shard and quantized under `cfg`, `block_bytes` of FP32
     rows at a time."""
     return quantize_by_rows(
         lambda a, b: shards.rows(key, a, b),
         shape,
-        cfg.quant_bits,
-        cfg.quant_group_size,
-        cfg.quant_symmetric,
+        cfg.quant.bits,
+        cfg.quant.group_size,
+        cfg.quant.symmetric,
         max(1, block_bytes // (4 * shape[1])),
     )
 
@@ -226,7 +227,7 @@ def _placeholders(model: torch.nn.Module) -> set[int]:
     return {id(p) for p in made.values()}
 
 
-def _materialize(base, rows, packed, placeholders: set[int], cfg: StackConfig) -> None:
+def _materialize(base, rows, packed, placeholders: set[int], cfg: Techniques) -> None:
     """Replace every placeholder: norms and biases first (`rows(name)`, FP32, frozen, as loaded
     whole), then `apply_quantize` takes the linears, embedding and head from `packed`."""
     for name, p in list(base.named_parameters()):
@@ -237,10 +238,10 @@ def _materialize(base, rows, packed, placeholders: set[int], cfg: StackConfig) -
             module._parameters[child] = torch.nn.Parameter(loaded, requires_grad=p.requires_grad)
     apply_quantize(
         base,
-        cfg.quant_bits,
-        cfg.quant_group_size,
-        cfg.quant_symmetric,
-        chunk=cfg.resolved_dequant_chunk,
+        cfg.quant.bits,
+        cfg.quant.group_size,
+        cfg.quant.symmetric,
+        chunk=cfg.kernels.dequant_chunk,
         packed=packed,
     )
     left = [n for n, p in base.named_parameters() if id(p) in placeholders]

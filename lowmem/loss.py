@@ -56,20 +56,20 @@ def own_head_loss(model: torch.nn.Module, batch: dict, cfg) -> torch.Tensor:
         rows, targets = shifted(hidden, batch["labels"])
     del hidden
     if cfg.enabled("fused_loss"):
-        return fused_cross_entropy(rows, targets, head, cfg.loss_chunk)
+        return fused_cross_entropy(rows, targets, head, cfg.kernels.loss_chunk)
     if cfg.enabled("softmax_approx") and model.training:
         loss = subset_cross_entropy(
             rows,
             targets,
             head,
-            cfg.softmax_k,
-            cfg.softmax_rule,
-            cfg.softmax_variant,
+            cfg.softmax.k,
+            cfg.softmax.rule,
+            cfg.softmax.variant,
             base.get_input_embeddings(),
-            cfg.loss_chunk,
+            cfg.kernels.loss_chunk,
         )
         return loss
-    logits = chunked_logits(rows, head, cfg.loss_chunk)
+    logits = chunked_logits(rows, head, cfg.kernels.loss_chunk)
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
 
 

@@ -12,7 +12,6 @@ different checkpoints never share a record.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -46,7 +45,7 @@ def run_id(model: str, cfg: StackConfig, meter: str, weights: dict | None = None
 
 def config_parts(cfg: StackConfig) -> list[str]:
     """The non-default fields of `cfg` as `field=value` name parts, offload_dir left out."""
-    extra = describe(dataclasses.replace(cfg, offload_dir="")).partition(":")[2]
+    extra = describe(cfg.with_settings(offload_dir="")).partition(":")[2]
     return list(filter(None, extra.split(",")))
 
 

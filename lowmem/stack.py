@@ -11,7 +11,7 @@ applies a row to a model and builds its benchmark batch.
 - `quantize`: the frozen base (every decoder linear, the embedding and the tied LM head) is
   stored in INT4 and dequantized per matmul (`lowmem.quantize`): 11.97 -> 1.87 GiB on Llama.
 
-Every row also fixes the model's grouped-query attention path (`StackConfig.gqa_mode`,
+Every row also fixes the model's grouped-query attention path (`KernelSettings.gqa`,
 `lowmem.attention`): repeat_kv for baseline and lora, native from quantize on, as Table 1
 implies. It is the model's own setting (its attention implementation), not a process-wide one.
 
@@ -28,14 +28,14 @@ from peft import LoraConfig, get_peft_model
 
 from lowmem.attention import set_gqa
 from lowmem.checkpoint import apply_checkpoint
-from lowmem.config import StackConfig
+from lowmem.config import StackConfig, Techniques
 from lowmem.fused_norm import apply_fused_norm
 from lowmem.models import check_architecture
 from lowmem.quant_linear import apply_quantize
 from lowmem.tiled_mlp import apply_tiled_mlp
 
 
-def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") -> torch.nn.Module:
+def apply_stack(model: torch.nn.Module, cfg: Techniques, meter: str = "cpu") -> torch.nn.Module:
     """Turn a freshly built FP32 model into the row `cfg.stack` of the cumulative stack.
 
     With checkpointing, the model owns temporary offload files until
@@ -45,7 +45,8 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
     """
     check_architecture(model.config)
     cfg.check_model(model.config.vocab_size)
-    set_gqa(model, cfg.gqa_mode)
+    cfg = cfg.resolved()
+    set_gqa(model, cfg.kernels.gqa)
     if not cfg.enabled("lora"):
         for p in model.parameters():
             p.requires_grad_(True)
@@ -54,48 +55,48 @@ def apply_stack(model: torch.nn.Module, cfg: StackConfig, meter: str = "cpu") ->
     if cfg.enabled("quantize"):
         apply_quantize(
             model,
-            cfg.quant_bits,
-            cfg.quant_group_size,
-            cfg.quant_symmetric,
-            cfg.quant_backend,
-            cfg.resolved_dequant_chunk,
+            cfg.quant.bits,
+            cfg.quant.group_size,
+            cfg.quant.symmetric,
+            cfg.quant.backend,
+            cfg.kernels.dequant_chunk,
         )
     return apply_after_quantize(model, cfg, meter)
 
 
-def apply_lora(model: torch.nn.Module, cfg: StackConfig) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, cfg: Techniques) -> torch.nn.Module:
     """The row's peft LoRA wrapper (the base frozen); draws the adapters' random init."""
-    targets = "all-linear" if cfg.lora_targets == ("all-linear",) else list(cfg.lora_targets)
+    targets = "all-linear" if cfg.lora.targets == ("all-linear",) else list(cfg.lora.targets)
     lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 
 
-def apply_after_quantize(model: torch.nn.Module, cfg: StackConfig, meter: str) -> torch.nn.Module:
+def apply_after_quantize(model: torch.nn.Module, cfg: Techniques, meter: str) -> torch.nn.Module:
     """The techniques that follow quantization (shared with `lowmem.loader`, which quantizes
-    while it loads)."""
+    while it loads); `cfg` resolved (`Techniques.resolved`)."""
     # the one order dependency: quantize, then tile (the tiles hold the quantized down_proj),
     # then checkpoint (it streams and caches the layers it finds); each refuses the wrong order
-    if cfg.resolved_mlp_tile:
-        apply_tiled_mlp(model, cfg.resolved_mlp_tile)
+    if cfg.kernels.mlp_tile:
+        apply_tiled_mlp(model, cfg.kernels.mlp_tile)
     if cfg.enabled("fused_norm"):
         apply_fused_norm(model)
     if cfg.enabled("checkpoint"):
         apply_checkpoint(
             model,
-            cfg.offload,
-            cfg.stream_weights,
-            cfg.cache_policy,
+            cfg.checkpoint.offload,
+            cfg.checkpoint.stream_weights,
+            cfg.checkpoint.cache_policy,
             meter,
-            cfg.offload_dir or None,
-            cfg.offload_async,
-            cfg.resolved_prefetch,
-            cfg.loss_chunk if cfg.enabled("fused_loss") else 0,
+            cfg.checkpoint.offload_dir or None,
+            cfg.checkpoint.offload_async,
+            bool(cfg.checkpoint.offload_prefetch),
+            cfg.kernels.loss_chunk if cfg.enabled("fused_loss") else 0,
         )
     return model
 

@@ -74,7 +74,7 @@ def measure_head_loss(
         head = torch.nn.Linear(d, vocab, bias=False, device=dev).requires_grad_(False)
         if cfg.enabled("quantize"):
             head = QuantLinear.from_linear(
-                head, cfg.quant_bits, cfg.quant_group_size, cfg.quant_symmetric
+                head, cfg.quant.bits, cfg.quant.group_size, cfg.quant.symmetric
             )
         batch = benchmark_batch(dataclasses.replace(cfg, stack="logits_mask"), vocab, dev)
         del batch["input_ids"]

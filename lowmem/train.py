@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from lowmem.checkpoint import checkpointing_of
-from lowmem.config import StackConfig, check_types, parse_spec, parse_value
+from lowmem.config import StackConfig, parse_spec
 from lowmem.loader import load_quantized, loads_by_tensor
 from lowmem.loss import check_token_ids
 from lowmem.meter import StepMeter
@@ -60,6 +60,7 @@ from lowmem.resume import (
     summarize,
     write_json,
 )
+from lowmem.settings import check_types, flat_fields, parse_value
 from lowmem.stack import apply_stack
 from lowmem.step import COLUMNS, BatchOrder, accumulate, evaluate
 
@@ -138,7 +139,8 @@ class TrainConfig:
         _require(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {schedules}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat: the stack as its flat settings (`StackConfig.to_dict`)."""
+        return {**asdict(self), "stack": self.stack.to_dict()}
 
 
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -150,7 +152,7 @@ def make_config(stack: str, sets: Sequence[str] = (), **fields) -> TrainConfig:
     """TrainConfig from a stack spec, FIELD=VALUE strings as `--set` gives them, and keyword
     fields; each goes to TrainConfig if it names one of its fields, else to the StackConfig."""
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"stack"}
-    stack_fields = {f.name for f in dataclasses.fields(StackConfig)}
+    stack_fields = set(flat_fields(StackConfig))
     defaults = {k: fields.pop(k) for k in list(fields) if k not in train_fields}
     items = []
     for item in sets:

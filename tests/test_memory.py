@@ -57,16 +57,22 @@ def test_unknown_meter_is_refused():
     [
         StackConfig(stack="baseline", seq_len=96),
         StackConfig(stack="lora", seq_len=96),
-        StackConfig(stack="lora", seq_len=33, lora_targets=("all-linear",), gqa="native"),
+        StackConfig.from_flat(stack="lora", seq_len=33, lora_targets=("all-linear",), gqa="native"),
         StackConfig(stack="quantize", seq_len=96),
-        StackConfig(
+        StackConfig.from_flat(
             stack="quantize", seq_len=40, quant_bits=8, quant_group_size=0, quant_symmetric=False
         ),
-        StackConfig(stack="checkpoint", seq_len=64, offload_async=False),
-        StackConfig(stack="checkpoint", seq_len=40, offload="memory", cache_policy="all_linear"),
-        StackConfig(stack="checkpoint", seq_len=40, offload_async=False, cache_policy="mlp"),
-        StackConfig(stack="softmax_approx", seq_len=48, softmax_k=64, offload_async=False),
-        StackConfig(
+        StackConfig.from_flat(stack="checkpoint", seq_len=64, offload_async=False),
+        StackConfig.from_flat(
+            stack="checkpoint", seq_len=40, offload="memory", cache_policy="all_linear"
+        ),
+        StackConfig.from_flat(
+            stack="checkpoint", seq_len=40, offload_async=False, cache_policy="mlp"
+        ),
+        StackConfig.from_flat(
+            stack="softmax_approx", seq_len=48, softmax_k=64, offload_async=False
+        ),
+        StackConfig.from_flat(
             stack="logits_mask",
             seq_len=48,
             softmax_k=64,
@@ -75,7 +81,7 @@ def test_unknown_meter_is_refused():
             loss_chunk=100,
             offload_async=False,
         ),
-        StackConfig(stack="best", seq_len=48, loss_chunk=100, offload_async=False),
+        StackConfig.from_flat(stack="best", seq_len=48, loss_chunk=100, offload_async=False),
     ],
     ids=[
         "baseline",
@@ -130,7 +136,7 @@ def test_the_tracker_sees_the_peak_a_plain_run_has(spec):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("stack", ROWS)
 def test_cuda_allocator_peak_matches_simulated(stack):
-    cfg = StackConfig(stack=stack, seq_len=512, softmax_k=100, offload_async=False)
+    cfg = StackConfig.from_flat(stack=stack, seq_len=512, softmax_k=100, offload_async=False)
     gpu = run_cell("tiny-llama", cfg, "cuda")
     fake = run_cell("tiny-llama", cfg, "simulated")
     assert gpu["status"] == "ok", gpu["error"]
@@ -144,7 +150,9 @@ def test_weights_streamed_from_an_in_memory_store_are_still_counted(meter):
     """Streaming to an in-memory store moves the INT4 weights, it does not free them."""
     peaks = []
     for stream in (False, True):
-        cfg = StackConfig("checkpoint", seq_len=64, offload="memory", stream_weights=stream)
+        cfg = StackConfig.from_flat(
+            "checkpoint", seq_len=64, offload="memory", stream_weights=stream
+        )
         metrics = run_cell("tiny-llama", cfg, meter)["metrics"]
         peaks.append((metrics["peak_bytes"], metrics["resident_bytes"]))
     assert peaks[0] == peaks[1]
@@ -166,7 +174,7 @@ def test_cuda_meter_reads_the_allocator_around_a_plain_run_and_tracks_a_second(m
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", fake("allocated", 123_000))
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", fake("reserved", 456_000))
     # LoRA dropout draws random numbers; disk offload and streamed weights keep state per layer
-    cfg = StackConfig("checkpoint", seq_len=40, lora_dropout=0.1, offload_async=False)
+    cfg = StackConfig.from_flat("checkpoint", seq_len=40, lora_dropout=0.1, offload_async=False)
 
     def loss_fn(model, batch):
         events.append(("step", _get_current_dispatch_mode() is not None))

@@ -1,5 +1,4 @@
 import ast
-import dataclasses
 import json
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import pytest
 
 from lowmem.config import StackConfig
 from lowmem.options import RUN_NOTEBOOK, field_parameters
+from lowmem.settings import flat_fields
 
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 # one study notebook per technique (STYLE.md: one technique = one module = one notebook)
@@ -20,7 +20,7 @@ STUDIES = (
     "06_fused_loss",
 )
 # a parameters cell names config fields, plus what says where and how a notebook measures
-PARAMETER_NAMES = {f.name for f in dataclasses.fields(StackConfig)} | {
+PARAMETER_NAMES = set(flat_fields(StackConfig)) | {
     "model",
     "meter",
     "experiment",
@@ -85,9 +85,8 @@ def test_the_run_notebook_lists_every_config_field_at_its_default():
         )
     )
     values = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body}
-    for f in dataclasses.fields(StackConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        default = ",".join(default) if isinstance(default, tuple) else default
+    for f in flat_fields(StackConfig).values():
+        default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
         assert values.get(f.name, "missing") == default, f.name
     # and those lines are the ones generated from StackConfig's fields, docstrings included
     source = "".join(_parameters_cell(RUN_NOTEBOOK)["source"])

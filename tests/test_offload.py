@@ -83,7 +83,7 @@ def test_an_offload_dir_that_is_missing_a_file_or_unwritable_is_refused_not_crea
         (tmp_path / "ro").mkdir(mode=0o500)
         with pytest.raises(OffloadError, match="is not writable; pass a writable folder"):
             DiskStore(tmp_path / "ro")
-    cfg = StackConfig("checkpoint", seq_len=8, offload_dir=str(missing))
+    cfg = StackConfig.from_flat("checkpoint", seq_len=8, offload_dir=str(missing))
     with pytest.raises(OffloadError, match="does not exist"):
         apply_stack(build_model("tiny-llama"), cfg)
     assert not missing.exists() and not (blocker / "offload").exists()
@@ -147,7 +147,9 @@ def test_directories_of_dead_runs_are_removed_but_never_a_live_one(tmp_path, run
 def test_any_checkpointed_run_reclaims_dead_runs_under_its_root(
     tmp_path, run_dirs, meter, offload_to
 ):
-    cfg = StackConfig("checkpoint", seq_len=8, offload=offload_to, offload_dir=str(tmp_path))
+    cfg = StackConfig.from_flat(
+        "checkpoint", seq_len=8, offload=offload_to, offload_dir=str(tmp_path)
+    )
     if meter == "simulated":  # a measurement, end to end
         assert run_cell("tiny-llama", cfg, meter)["status"] == "ok"
     else:  # the library API

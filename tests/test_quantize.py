@@ -150,7 +150,7 @@ def test_adapters_trained_on_the_quantized_base_load_with_stock_peft(tmp_path):
     from lowmem.stack import apply_stack, benchmark_batch
 
     torch.manual_seed(0)
-    model = apply_stack(build_model("tiny-qwen"), StackConfig(stack="quantize", lora_r=4))
+    model = apply_stack(build_model("tiny-qwen"), StackConfig.from_flat(stack="quantize", lora_r=4))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = benchmark_batch(StackConfig(seq_len=32), model.config.vocab_size)
     for _ in range(3):
@@ -223,12 +223,12 @@ def test_bitsandbytes_backend_runs_the_stack_and_simulates_exactly():
     from lowmem.bench import run_cell
     from lowmem.config import StackConfig
 
-    cfg = StackConfig(stack="quantize", seq_len=48, quant_backend="bnb-nf4")
+    cfg = StackConfig.from_flat(stack="quantize", seq_len=48, quant_backend="bnb-nf4")
     real, fake = run_cell("tiny-llama", cfg, "cpu"), run_cell("tiny-llama", cfg, "simulated")
     assert real["status"] == fake["status"] == "ok", (real["error"], fake["error"])
     assert real["metrics"]["peak_bytes"] == fake["metrics"]["peak_bytes"]
     with pytest.raises(ValueError, match="bad quant_backend='gptq'"):
-        StackConfig(stack="quantize", quant_backend="gptq")
+        StackConfig.from_flat(stack="quantize", quant_backend="gptq")
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 48, 100])

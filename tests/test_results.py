@@ -125,7 +125,7 @@ def test_experiment_names_that_could_leave_results_are_refused(results_tmp, expe
 
 
 def test_offload_dir_never_reaches_a_record_name(results_tmp):
-    cfg = StackConfig(stack="checkpoint", offload_dir="../../../../../../tmp/x")
+    cfg = StackConfig.from_flat(stack="checkpoint", offload_dir="../../../../../../tmp/x")
     rid = results.run_id("tiny-llama", cfg, "simulated")
     assert rid == results.run_id("tiny-llama", StackConfig(stack="checkpoint"), "simulated")
     assert results.record_path("y", rid).parent == results_tmp / "raw" / "y"

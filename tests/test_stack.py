@@ -37,17 +37,18 @@ TINY_MODELS = ["tiny-llama", "tiny-qwen", "tiny-mistral"]  # one per supported f
 )
 def test_bad_configs_fail_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        StackConfig(**kwargs)
+        StackConfig.from_flat(**kwargs)
 
 
 def test_every_row_is_a_prefix_of_the_stack():
     cfg = StackConfig(stack="lora")
     assert [cfg.enabled(t) for t in STACK] == [True, True, False, False, False, False]
-    assert cfg.gqa_mode == "repeat_kv" and StackConfig(stack="quantize").gqa_mode == "native"
+    assert cfg.resolved().kernels.gqa == "repeat_kv"
+    assert StackConfig(stack="quantize").resolved().kernels.gqa == "native"
     best = StackConfig(stack="best")
     assert [best.enabled(t) for t in STACK] == [False, True, True, True, False, True]
     assert best.enabled("fused_loss") and not cfg.enabled("fused_loss")
-    assert StackConfig(lora_targets="q_proj,k_proj").lora_targets == ("q_proj", "k_proj")
+    assert StackConfig.from_flat(lora_targets="q_proj,k_proj").lora.targets == ("q_proj", "k_proj")
 
 
 def test_benchmark_batch_marks_the_last_30_percent_trainable():
@@ -61,7 +62,7 @@ def test_benchmark_batch_marks_the_last_30_percent_trainable():
 def test_lora_row_trains_only_the_adapters_and_matches_the_formula():
     config = load_config("tiny-llama")
     d, kv = config.hidden_size, config.num_key_value_heads * config.head_dim
-    model = apply_stack(build_model("tiny-llama"), StackConfig(stack="lora", lora_r=4))
+    model = apply_stack(build_model("tiny-llama"), StackConfig.from_flat(stack="lora", lora_r=4))
     total, trainable = count_parameters(model)
     # q_proj: A (r x d) + B (d x r); v_proj: A (r x d) + B (kv x r), in every layer
     assert trainable == config.num_hidden_layers * 4 * (d + d + d + kv)
@@ -73,7 +74,7 @@ def test_lora_row_trains_only_the_adapters_and_matches_the_formula():
 
 def test_lora_layer_equals_the_reference_computation():
     torch.manual_seed(0)
-    model = apply_stack(build_model("tiny-qwen"), StackConfig(stack="lora", lora_r=4))
+    model = apply_stack(build_model("tiny-qwen"), StackConfig.from_flat(stack="lora", lora_r=4))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # peft starts B at zero
     x = torch.randn(3, 5, layer.in_features)
@@ -99,7 +100,7 @@ def test_model_loss_equals_the_reference_loss():
 def test_repeat_kv_costs_what_the_arithmetic_says():
     config, T = load_config("tiny-llama"), 256
     peaks = {
-        g: run_cell("tiny-llama", StackConfig(seq_len=T, gqa=g), "simulated")["metrics"]
+        g: run_cell("tiny-llama", StackConfig.from_flat(seq_len=T, gqa=g), "simulated")["metrics"]
         for g in ("repeat_kv", "native")
     }
     # repeat_kv keeps a K and a V copy with all query heads per layer for backward
@@ -119,7 +120,9 @@ def test_every_row_gives_the_reference_loss_and_gradients(model_name, row):
     the plain computation's. Through checkpoint the arithmetic is the same, so bit-identical;
     the K = V softmax subset, the logits mask and best sum in another order: the loss within
     rel 1e-6, each gradient within 1e-5 of its largest magnitude (seen: <= 6e-7)."""
-    cfg = StackConfig(row, seq_len=48, offload="memory", softmax_k=512, loss_chunk=100, mlp_tile=16)
+    cfg = StackConfig.from_flat(
+        row, seq_len=48, offload="memory", softmax_k=512, loss_chunk=100, mlp_tile=16
+    )
     ref = dataclasses.replace(cfg, stack=REFERENCE_ROW.get(row, "quantize"))
     ref_loss, ref_grads = loss_and_grads(model_name, ref, plain_loss=True)
     loss, grads = loss_and_grads(model_name, cfg)
@@ -139,15 +142,15 @@ def test_specs_parse_typed_fields_and_round_trip():
     cfg = parse_spec(
         "checkpoint:offload=memory,stream_weights=false,lora_targets=q_proj+k_proj", seq_len=64
     )
-    assert (cfg.stack, cfg.seq_len, cfg.offload, cfg.stream_weights) == (
+    assert (cfg.stack, cfg.seq_len, cfg.checkpoint.offload, cfg.checkpoint.stream_weights) == (
         "checkpoint",
         64,
         "memory",
         False,
     )
-    assert cfg.lora_targets == ("q_proj", "k_proj")
+    assert cfg.lora.targets == ("q_proj", "k_proj")
     assert parse_spec(describe(cfg), seq_len=64) == cfg
-    with pytest.raises(ValueError, match="'colour=red' is not field=value with a field"):
+    with pytest.raises(ValueError, match="'colour=red' is not setting=value with a setting"):
         parse_spec("lora:colour=red")
 
 
@@ -172,7 +175,7 @@ def test_best_profile_trains_like_the_quantized_row():
 
     common = dict(seq_len=64, loss_chunk=100, mlp_tile=16, dequant_chunk=32)
     ref = losses(StackConfig(stack="quantize", seq_len=64))
-    best = losses(StackConfig(stack="best", offload="memory", **common))
+    best = losses(StackConfig.from_flat(stack="best", offload="memory", **common))
     assert best == pytest.approx(ref, rel=1e-5)
 
 

@@ -21,8 +21,8 @@ def _loss_and_grads(cfg, model_name="tiny-llama"):
 @pytest.mark.parametrize("tile", [1, 7, 64])
 def test_tiled_mlp_equals_the_plain_mlp(model_name, tile):
     common = dict(stack="quantize", seq_len=40, lora_targets=("all-linear",))
-    ref_loss, ref = _loss_and_grads(StackConfig(mlp_tile=0, **common), model_name)
-    loss, grads = _loss_and_grads(StackConfig(mlp_tile=tile, **common), model_name)
+    ref_loss, ref = _loss_and_grads(StackConfig.from_flat(mlp_tile=0, **common), model_name)
+    loss, grads = _loss_and_grads(StackConfig.from_flat(mlp_tile=tile, **common), model_name)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     assert grads.keys() == ref.keys()
     for name, g in grads.items():
@@ -50,7 +50,7 @@ def test_bad_tile_and_conflicting_cache_policy_are_refused():
     with pytest.raises(ValueError, match="bad mlp_tile=0"):
         apply_tiled_mlp(build_model("tiny-llama"), 0)
     with pytest.raises(ValueError, match="bad cache_policy='mlp'"):
-        StackConfig(stack="best", cache_policy="mlp")
+        StackConfig.from_flat(stack="best", cache_policy="mlp")
 
 
 @pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen", "tiny-mistral"])
@@ -58,15 +58,17 @@ def test_tiled_mlp_inside_a_checkpointed_layer_is_exact_with_dropout(model_name)
     # the recompute skips the MLP forward (its values are unused); gradients must not notice.
     # Same tiles in both (dropout draws its masks per tile)
     common = dict(seq_len=40, lora_targets=("all-linear",), lora_dropout=0.1, mlp_tile=16)
-    ref_loss, ref = _loss_and_grads(StackConfig("quantize", **common), model_name)
-    loss, grads = _loss_and_grads(StackConfig("checkpoint", offload="memory", **common), model_name)
+    ref_loss, ref = _loss_and_grads(StackConfig.from_flat("quantize", **common), model_name)
+    loss, grads = _loss_and_grads(
+        StackConfig.from_flat("checkpoint", offload="memory", **common), model_name
+    )
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_the_layer_recompute_runs_no_mlp_forward():
-    cfg = StackConfig("checkpoint", seq_len=40, mlp_tile=16, offload="memory")
+    cfg = StackConfig.from_flat("checkpoint", seq_len=40, mlp_tile=16, offload="memory")
     model = seeded_model("tiny-llama", cfg)
     calls = []
     for layer in model.get_base_model().model.layers:
@@ -78,7 +80,7 @@ def test_the_layer_recompute_runs_no_mlp_forward():
 
 
 def test_the_tile_backward_skips_only_the_down_projection_values():
-    cfg = StackConfig("quantize", seq_len=40, mlp_tile=16)
+    cfg = StackConfig.from_flat("quantize", seq_len=40, mlp_tile=16)
     model = seeded_model("tiny-llama", cfg)
     needed = {"gate": [], "down": []}
     mlp = model.get_base_model().model.layers[0].mlp

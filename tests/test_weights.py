@@ -114,7 +114,9 @@ def test_the_order_of_techniques_is_checked():
     from lowmem.stack import apply_stack
     from lowmem.tiled_mlp import apply_tiled_mlp
 
-    model = apply_stack(build_model("tiny-llama"), StackConfig("checkpoint", offload="memory"))
+    model = apply_stack(
+        build_model("tiny-llama"), StackConfig.from_flat("checkpoint", offload="memory")
+    )
     with pytest.raises(ValueError, match="apply_quantize after apply_checkpoint"):
         apply_quantize(model)
     with pytest.raises(

@@ -16,7 +16,7 @@ from lowmem.memory import LiveStorageTracker
 from lowmem.models import read_config, weights_identity
 
 MODEL = "smollm2-135m"
-cfg = StackConfig(stack="best", offload="memory")
+cfg = StackConfig.from_flat(stack="best", offload="memory")
 path = cached_base(MODEL)
 config = read_config(path)
 with torch.device("meta"):

@@ -1,0 +1,269 @@
+"""Technique settings, one frozen dataclass per technique (PEFT-style), and their flat names.
+
+Each section validates its own values on construction. A setting also has a flat name, the
+section's prefix + the field's name (`SoftmaxSettings.k` is `softmax_k`): the name of its
+command-line flag, its papermill parameter, its key in a record's `config`, and the keyword
+`lowmem.prepare` takes. `flat_fields` lists them with their types, defaults and docstrings, so
+none of those places keeps a copy of the configuration.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+from lowmem.checkpoint import POLICIES
+from lowmem.offload import OFFLOADS
+from lowmem.quantize import BACKENDS, BITS, GROUP_SIZES
+from lowmem.softmax_approx import RULES, VARIANTS
+
+GQA_MODES = ("auto", "repeat_kv", "native")
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapters (peft LoRA)."""
+
+    prefix: ClassVar[str] = "lora_"
+    r: int = 16
+    """LoRA rank r."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input path."""
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """Linear layers that get adapters, from LINEAR_TARGETS, or ("all-linear",)."""
+
+    def __post_init__(self) -> None:
+        targets = self.targets
+        targets = targets.split(",") if isinstance(targets, str) else targets
+        if isinstance(targets, list | tuple):  # a YAML list comes in too
+            object.__setattr__(self, "targets", tuple(targets))
+        check_types(self)
+        _positive(self, "r", "alpha")
+        check(0 <= self.dropout < 1, "lora_dropout", self.dropout, "a number in [0, 1)")
+        targets = self.targets
+        ok = targets == ("all-linear",) or (targets and set(targets) <= set(LINEAR_TARGETS))
+        allowed = f"'all-linear' or a subset of {', '.join(LINEAR_TARGETS)}"
+        check(bool(ok), "lora_targets", ",".join(targets), allowed)
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Base-weight quantization (technique 1), dequantized on the fly."""
+
+    prefix: ClassVar[str] = "quant_"
+    bits: int = 4
+    """Bits per quantized base weight: 4 or 8."""
+    group_size: int = 32
+    """Weights sharing one FP32 scale, along the input dimension: 32, 64, 128, or 0 (per row)."""
+    symmetric: bool = True
+    """Symmetric (scale only) or asymmetric (scale + FP32 zero point) quantization."""
+    backend: str = "lowmem"
+    """"lowmem" (the format above) or "bnb-nf4" / "bnb-fp4" (bitsandbytes, decoder linears)."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check(self.bits in BITS, "quant_bits", self.bits, f"one of {BITS}")
+        allowed = f"one of {GROUP_SIZES} (0 = one group per row)"
+        check(self.group_size in GROUP_SIZES, "quant_group_size", self.group_size, allowed)
+        _one_of(self, "backend", BACKENDS)
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """Checkpointing (technique 2): where activations and streamed weights wait, what is cached."""
+
+    prefix: ClassVar[str] = ""
+    offload: str = "disk"
+    """Where checkpoints, cached activations and streamed weights wait: "disk" or "memory"."""
+    offload_dir: str = ""
+    """Root folder for disk offload ("" = the system temp folder); each run gets its own."""
+    offload_async: bool = True
+    """Write offloaded tensors on a background thread (False: put() waits for the file)."""
+    stream_weights: bool = True
+    """Keep each layer's quantized weights in the store, loaded only while the layer runs (in
+    best also the embedding / LM head, in chunks of loss_chunk rows: lowmem.vocab_stream)."""
+    offload_prefetch: int = -1
+    """Read layer i - 1's input and weights while layer i runs backward: 1 = on, 0 = off (one
+    layer's weights on the device at a time), -1 = auto (on in the paper rows, off in best)."""
+    cache_policy: str = "none"
+    """Frozen linears whose outputs are cached instead of recomputed: none, attention, mlp,
+    all_linear (lowmem.checkpoint.POLICIES)."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        _one_of(self, "offload", OFFLOADS)
+        _one_of(self, "cache_policy", POLICIES)
+        check(
+            self.offload_prefetch in (-1, 0, 1),
+            "offload_prefetch",
+            self.offload_prefetch,
+            "-1, 0 or 1",
+        )
+
+
+@dataclass(frozen=True)
+class SoftmaxSettings:
+    """The softmax approximation over a subset of the vocabulary (technique 3)."""
+
+    prefix: ClassVar[str] = "softmax_"
+    k: int = 1000
+    """Candidates per position for the softmax approximation (K; K = V is exact)."""
+    rule: str = "model_topk"
+    """How candidates are chosen: model_topk (highest logits) or target_neighbors (embedding
+    neighbours of the target)."""
+    variant: str = "paper"
+    """paper: full N x V logits/scores, subset gathered; chunked: never a whole N x V matrix."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        _positive(self, "k")
+        _one_of(self, "rule", RULES)
+        _one_of(self, "variant", VARIANTS)
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """How the beyond-the-paper kernels cut their work: dequantization, MLP, loss, attention."""
+
+    prefix: ClassVar[str] = ""
+    loss_chunk: int = 4096
+    """Vocabulary rows per chunk in the fused loss and the chunked softmax approximation."""
+    dequant_chunk: int = -1
+    """Output rows of a quantized layer dequantized at a time: 0 = the whole matrix, -1 = auto
+    (whole in the paper rows, as the paper implies; max(1024, seq_len // 8) rows in best)."""
+    mlp_tile: int = -1
+    """Tokens per MLP tile (lowmem.tiled_mlp): 0 = off, -1 = auto (off in the paper rows,
+    256 in best)."""
+    gqa: str = "auto"
+    """Grouped-query attention in SDPA: "repeat_kv" copies the K/V heads up to the query heads
+    before the kernel; "native" passes enable_gqa=True and copies nothing; "auto" does what
+    Table 1's numbers imply for each row: repeat_kv for baseline and lora, native from quantize
+    on (experiments/LOG.md)."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        check(self.dequant_chunk >= -1, "dequant_chunk", self.dequant_chunk, ">= -1")
+        check(self.mlp_tile >= -1, "mlp_tile", self.mlp_tile, ">= -1")
+        _positive(self, "loss_chunk")
+        _one_of(self, "gqa", GQA_MODES)
+
+
+SECTIONS = {
+    "lora": LoraSettings,
+    "quant": QuantSettings,
+    "checkpoint": CheckpointSettings,
+    "softmax": SoftmaxSettings,
+    "kernels": KernelSettings,
+}
+
+
+class FlatField(NamedTuple):
+    """One setting under its flat name; `section` is None for a top-level field."""
+
+    name: str
+    section: str | None
+    attr: str
+    type: str
+    default: object
+    doc: str
+
+
+@functools.cache
+def flat_fields(cls: type) -> dict[str, FlatField]:
+    """{flat name: FlatField} of a dataclass, its sections (SECTIONS) flattened in place."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in SECTIONS and f.type == SECTIONS[f.name].__name__:
+            section = SECTIONS[f.name]
+            for g in dataclasses.fields(section):
+                flat = section.prefix + g.name
+                doc = field_docs(section).get(g.name, "")
+                out[flat] = FlatField(flat, f.name, g.name, g.type, _default(g), doc)
+        else:
+            owner = next(c for c in cls.__mro__ if f.name in getattr(c, "__annotations__", {}))
+            doc = field_docs(owner).get(f.name, "")
+            out[f.name] = FlatField(f.name, None, f.name, f.type, _default(f), doc)
+    return out
+
+
+def _default(f: dataclasses.Field) -> object:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: the docstring written under it in the class body} (attribute docstrings)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for stmt, after in zip(body, body[1:], strict=False):
+        doc = getattr(after, "value", None)
+        if isinstance(stmt, ast.AnnAssign) and isinstance(doc, ast.Constant):
+            if isinstance(doc.value, str):
+                docs[stmt.target.id] = " ".join(doc.value.split())
+    return docs
+
+
+def check_types(obj: object) -> None:
+    """Refuse a field value of the wrong type (a quoted "false" for a bool, 1.5 for an int);
+    an int for a float field becomes that float. Dataclass fields, annotated by name."""
+    prefix = getattr(obj, "prefix", "")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kind = _KINDS.get(f.type)
+        if kind is None:
+            continue
+        ok = isinstance(value, kind[0]) and not (kind[0] is not bool and isinstance(value, bool))
+        if kind[0] is tuple:
+            ok = ok and all(isinstance(v, str) for v in value)
+        if f.type == "float" and ok:
+            object.__setattr__(obj, f.name, float(value))
+        check(ok, prefix + f.name, value, kind[1])
+
+
+_KINDS = {  # annotation -> (accepted types, what the message calls it)
+    "bool": (bool, "true or false (a boolean, not a string)"),
+    "int": (int, "an integer"),
+    "float": ((int, float), "a number"),
+    "str": (str, "a string"),
+    "tuple[str, ...]": (tuple, "a list of strings"),
+}
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_value(cls: type, key: str, raw: str) -> object:
+    """A `--set key=raw` / spec string typed by the setting `key` (a flat name) of `cls`."""
+    kind = flat_fields(cls)[key].type
+    try:
+        if kind == "bool":
+            return _BOOLS[raw.lower()]
+        if kind in ("int", "float"):
+            return int(raw) if kind == "int" else float(raw)
+    except (KeyError, ValueError):
+        raise ValueError(f"bad {key}={raw!r}: must be {_KINDS[kind][1]}") from None
+    return tuple(raw.split("+")) if kind.startswith("tuple") else raw
+
+
+def check(ok: bool, name: str, value: object, allowed: str) -> None:
+    """One line naming the bad value and what is allowed."""
+    if not ok:
+        raise ValueError(f"bad {name}={value!r}: must be {allowed}")
+
+
+def _positive(section: object, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        check(isinstance(value, int) and value > 0, section.prefix + name, value, "an integer > 0")
+
+
+def _one_of(section: object, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(section, name)
+    check(value in allowed, section.prefix + name, value, f"one of {', '.join(allowed)}")
