@@ -1,5 +1,5 @@
 """Command line: `python -m lowmem {measure,speed,grid,table1,table,figures,train,quality,assets,
-export-base,convert,clean} --help`."""
+export-base,convert,budget,clean} --help`."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ def _measure(args: argparse.Namespace) -> int:
         k: v if k == "lora_targets" else parse_value(StackConfig, k, v)
         for k, v in given_fields(args, StackConfig).items()
     }
-    cfg = parse_spec(f"{args.stack}:{','.join(args.set)}", **options)
+    stack, profile, micro = _profile(args)  # measure runs one micro-batch
+    options = {**profile, "batch_size": micro.get("batch_size", 1), **options}
+    cfg = parse_spec(f"{stack}:{','.join(args.set)}", **options)
     if args.experiment:
         results.check_slug("experiment", args.experiment)  # before the run, not after it
     if args.meter != "simulated":  # the simulated store writes nothing
@@ -151,13 +153,17 @@ def _train(args: argparse.Namespace) -> int:
     from lowmem.resume import check_run
     from lowmem.train import make_config, run_identity, train, training_model
 
+    stack, profile, micro = _profile(args)
+    batch_size = args.batch_size if args.batch_size is not None else micro.get("batch_size", 4)
+    grad_accum = args.grad_accum if args.grad_accum is not None else micro.get("grad_accum", 1)
     cfg = make_config(
-        args.stack,
+        stack,
         args.set,
+        **profile,
         seq_len=args.seq_len,
         steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         schedule=args.schedule,
@@ -194,6 +200,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> tuple[str, dict, dict]:
+    """The row, the settings and the micro-batch (batch_size, grad_accum) of --profile FILE."""
+    if args.profile is None:
+        return args.stack or "lora", {}, {}
+    from lowmem.planner import read_profile
+
+    data = read_profile(args.profile)
+    settings = dict(data["settings"])
+    stack = settings.pop("stack")
+    if args.stack not in (None, stack):
+        raise ValueError(
+            f"bad --stack {args.stack}: the profile file {args.profile} is for {stack}; give one"
+        )
+    return stack, settings, {k: data[k] for k in ("batch_size", "grad_accum")}
+
+
 def _check_offload(cfg) -> None:
     """Refuse a bad offload folder before any work, where the row writes to one."""
     if cfg.enabled("checkpoint") and cfg.checkpoint.offload == "disk":
@@ -226,6 +248,21 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(args: argparse.Namespace) -> int:
+    from lowmem.planner import plan_budget
+
+    if args.write is not None and not args.write.endswith(".json"):
+        raise ValueError(f"bad --write {args.write!r}: must name a .json file")
+    plan = plan_budget(args.model, args.budget, args.seq_len, args.batch_size)
+    print(plan.table())
+    if plan.chosen is None:
+        return 1
+    print(f"chosen: {plan.chosen.row()['settings']}")
+    if args.write is not None:
+        print(plan.write_profile(args.write))
+    return 0
+
+
 def _clean(args: argparse.Namespace) -> int:
     from lowmem.offload import check_offload_root, remove_stale_dirs
 
@@ -250,6 +287,7 @@ _COMMANDS = {
     "train": _train,
     "export-base": _export_base,
     "convert": _convert,
+    "budget": _budget,
     "clean": _clean,
 }
 

@@ -66,10 +66,19 @@ SETTINGS = (*(name for name in flat_fields(Techniques) if name != "stack"), *SEC
 
 
 def plan(profile: str = "best", **settings) -> Techniques:
-    """The concrete configuration `prepare` applies: the profile with `settings` over its
-    defaults, every `auto` (-1) resolved; refused with one line if it cannot be honoured."""
+    """The concrete configuration `prepare` applies: the profile (a row of ROWS, or a profile
+    file written by the budget planner, `lowmem.planner`) with `settings` over its defaults,
+    every `auto` (-1) resolved; refused with one line if it cannot be honoured."""
+    if profile not in ROWS and str(profile).endswith(".json") and os.path.isfile(profile):
+        from lowmem.planner import read_profile
+
+        settings = {**read_profile(profile)["settings"], **settings}
+        profile = settings.pop("stack")
     if profile not in ROWS:
-        raise ValueError(f"bad profile={profile!r}: must be one of {', '.join(ROWS)}")
+        raise ValueError(
+            f"bad profile={profile!r}: must be one of {', '.join(ROWS)}, or a planner profile "
+            "file (.json)"
+        )
     for name in settings:
         if name not in SETTINGS:
             hint = " (a benchmark input, not a setting)" if name in BENCHMARK_INPUTS else ""

@@ -14,6 +14,11 @@ from lowmem.memory import METERS
 from lowmem.models import REGISTRY
 from lowmem.options import add_field_options
 
+_PROFILE_HELP = (
+    "a profile file written by `python -m lowmem budget --write FILE`: its row, settings and "
+    "micro-batch; flags given here override it"
+)
+
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lowmem", description=description)
@@ -32,10 +37,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--stack",
-        default="lora",
         choices=ROWS,
-        help=f"row: last technique of the cumulative stack, or best ({ROWS})",
+        help=f"row: last technique of the cumulative stack, or best ({ROWS}; default lora)",
     )
+    m.add_argument("--profile", metavar="FILE", help=_PROFILE_HELP)
     m.add_argument(
         "--meter",
         default="simulated",
@@ -153,7 +158,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "--task", default="shakespeare", help="shakespeare, sharegpt, or a .jsonl / .json file"
     )
     n.add_argument("--limit", type=int, help="use only the first N conversations (or plays)")
-    n.add_argument("--stack", default="lora", choices=ROWS, help=f"stack row ({ROWS})")
+    n.add_argument("--stack", choices=ROWS, help=f"stack row ({ROWS}; default lora)")
+    n.add_argument("--profile", metavar="FILE", help=_PROFILE_HELP)
     n.add_argument(
         "--set",
         action="append",
@@ -170,8 +176,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     n.add_argument("--model-path", help="local Hugging Face directory with real weights")
     n.add_argument("--steps", type=int, default=100, help="optimizer steps")
     n.add_argument("--seq-len", type=int, default=256, help="tokens per row (T)")
-    n.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (B)")
-    n.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    n.add_argument("--batch-size", type=int, help="rows per micro-batch (B; default 4)")
+    n.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     n.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     n.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
     n.add_argument("--schedule", default="cosine", help="after warmup: cosine, linear, constant")
@@ -211,6 +217,21 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     v.add_argument("--profile", default="best", choices=quantizing, help="row whose settings apply")
     v.add_argument("--force", action="store_true", help="replace an earlier conversion in OUT_DIR")
     add_field_options(v, StackConfig, skip=("stack", *BENCHMARK_INPUTS))
+
+    b = sub.add_parser(
+        "budget",
+        help="which configuration fits a whole-process memory budget, and the fastest of those",
+        description="Before anything is loaded: search best's knobs (offload, streaming, cache "
+        "policy, MLP tile, loss and dequantization chunks, micro-batch) for the configurations "
+        "whose whole-process peak (process baseline + max(load, step + AdamW)) fits BUDGET; "
+        "step peaks from the simulated meter (records under results/raw/planner/), times from "
+        "a model fitted to the speed records (lowmem.planner).",
+    )
+    b.add_argument("--model", required=True, help="registered model or its Hugging Face dir")
+    b.add_argument("--budget", required=True, help="e.g. 2GiB, 1.5GB, 512MiB")
+    b.add_argument("--seq-len", type=int, required=True, help="tokens per sequence (T)")
+    b.add_argument("--batch-size", type=int, default=1, help="sequences per optimizer step")
+    b.add_argument("--write", metavar="FILE", help="write the chosen profile (.json) here")
 
     c = sub.add_parser(
         "clean",

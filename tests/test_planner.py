@@ -1,0 +1,92 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lowmem import planner
+from lowmem.planner import parse_bytes, plan_budget, process_baseline
+
+SEQ_LEN = 64
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("2GiB", 2 * 2**30), ("1.5 GB", 1_500_000_000), ("512MiB", 512 * 2**20), (4096, 4096)],
+)
+def test_budgets_parse_with_units(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["2 GiBs", "-1GiB", "0", "lots", 0, True])
+def test_a_bad_budget_is_refused_naming_it(bad):
+    with pytest.raises(ValueError, match=f"bad budget={bad!r}: must be a positive size"):
+        parse_bytes(bad)
+
+
+def _measure(profile, results_tmp, model="tiny-llama", seq_len=SEQ_LEN) -> dict:
+    """A real cpu-meter run of the profile in a fresh process (whole-process RSS included)."""
+    env = {**os.environ, "LOWMEM_RESULTS": str(results_tmp), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "lowmem", "measure", "--model", model, "--profile"]
+    cmd += [str(profile), "--seq-len", str(seq_len), "--meter", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout)
+
+
+def test_the_plan_predicts_the_cpu_meters_step_peak_and_its_run_fits_the_budget(
+    results_tmp, tmp_path
+):
+    baseline = process_baseline()
+    loose = plan_budget("tiny-llama", 4 * 2**30, SEQ_LEN, batch_size=2, baseline=baseline)
+    frugal = min(loose.candidates, key=lambda c: c.whole_peak)
+    # the process's RSS varies by a few MiB from run to run: the budget leaves 16 MiB for it
+    tight_budget = frugal.whole_peak + 16 * 2**20
+    tight = plan_budget("tiny-llama", tight_budget, SEQ_LEN, batch_size=2, baseline=baseline)
+    assert tight.chosen.whole_peak <= tight_budget < 4 * 2**30
+    assert loose.chosen.step_s <= tight.chosen.step_s
+    for plan in (loose, tight):
+        chosen = plan.chosen
+        record = _measure(plan.write_profile(tmp_path / "profile.json"), results_tmp)
+        assert record["config"]["batch_size"] == chosen.cfg.batch_size
+        assert record["metrics"]["peak_bytes"] == chosen.step_peak  # to the byte
+        assert record["metrics"]["process"]["run_peak_rss_bytes"] <= plan.budget
+    # the simulated records are the cache: a second plan measures nothing new
+    before = sorted((results_tmp / "raw" / "planner").iterdir())
+    again = plan_budget("tiny-llama", tight_budget, SEQ_LEN, batch_size=2, baseline=baseline)
+    assert sorted((results_tmp / "raw" / "planner").iterdir()) == before
+    assert again.chosen.cfg == tight.chosen.cfg
+
+
+def test_when_nothing_fits_the_plan_names_the_smallest_peak_and_its_terms(results_tmp):
+    plan = plan_budget("tiny-llama", "1MiB", SEQ_LEN, baseline=100 * 2**20)
+    assert plan.chosen is None and len(plan.candidates) == 1  # the frugal end did not fit
+    text = plan.table()
+    assert text.startswith("nothing fits 0.00 GiB: the smallest whole-process peak is 0.")
+    assert "process baseline 0.098 GiB" in text and "at its peak:" in text
+    with pytest.raises(ValueError, match="no profile to write: nothing fits"):
+        plan.write_profile(results_tmp / "p.json")
+
+
+def test_a_profile_file_is_what_prepare_and_the_cli_apply(results_tmp, tmp_path):
+    import lowmem
+
+    plan = plan_budget("tiny-llama", "4GiB", SEQ_LEN, baseline=0)
+    path = plan.write_profile(tmp_path / "p.json")
+    settings = dict(planner.read_profile(path)["settings"])
+    assert lowmem.plan(str(path)) == lowmem.plan(settings.pop("stack"), **settings)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": planner.PROFILE_FORMAT, "settings": {"colour": 1}}))
+    with pytest.raises(ValueError, match="bad setting 'colour'"):
+        lowmem.plan(str(bad))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", ["1.2GiB", "2GiB"])
+def test_smollm2_plans_fit_their_budget_in_a_real_run(budget, results_tmp, tmp_path):
+    plan = plan_budget("smollm2-135m", budget, 256, batch_size=2)
+    chosen = plan.chosen
+    record = _measure(plan.write_profile(tmp_path / "p.json"), results_tmp, "smollm2-135m", 256)
+    assert record["metrics"]["peak_bytes"] == chosen.step_peak  # to the byte
+    process = record["metrics"]["process"]
+    assert process["run_peak_rss_bytes"] <= plan.budget, (process, chosen.row())
