@@ -204,7 +204,7 @@ def _profile(args: argparse.Namespace) -> tuple[str, dict, dict]:
     """The row, the settings and the micro-batch (batch_size, grad_accum) of --profile FILE."""
     if args.profile is None:
         return args.stack or "lora", {}, {}
-    from lowmem.planner import read_profile
+    from lowmem.profile_file import read_profile
 
     data = read_profile(args.profile)
     settings = dict(data["settings"])

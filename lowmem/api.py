@@ -70,7 +70,7 @@ def plan(profile: str = "best", **settings) -> Techniques:
     file written by the budget planner, `lowmem.planner`) with `settings` over its defaults,
     every `auto` (-1) resolved; refused with one line if it cannot be honoured."""
     if profile not in ROWS and str(profile).endswith(".json") and os.path.isfile(profile):
-        from lowmem.planner import read_profile
+        from lowmem.profile_file import read_profile
 
         settings = {**read_profile(profile)["settings"], **settings}
         profile = settings.pop("stack")

@@ -39,10 +39,10 @@ import sys
 from pathlib import Path
 
 from lowmem import results
-from lowmem.config import BENCHMARK_INPUTS, StackConfig, Techniques, describe
-from lowmem.files import write_atomic
+from lowmem.config import StackConfig, describe
 from lowmem.loader import BLOCK_BYTES
 from lowmem.models import REGISTRY, get_spec, load_config
+from lowmem.profile_file import write_profile
 from lowmem.timemodel import TimeModel
 
 KNOBS: dict[str, tuple] = {  # each ladder: most frugal first, fastest last
@@ -53,7 +53,6 @@ KNOBS: dict[str, tuple] = {  # each ladder: most frugal first, fastest last
     "loss_chunk": (1024, 4096),
     "dequant_chunk": (256, -1),
 }
-PROFILE_FORMAT = "lowmem-profile"
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
 _UNITS |= {"gib": 2**30, "tb": 10**12, "tib": 2**40}
 
@@ -151,40 +150,15 @@ class BudgetPlan:
         if self.chosen is None:
             raise ValueError(f"no profile to write: {self.table()}")
         c = self.chosen
-        settings = {k: v for k, v in c.cfg.to_dict().items() if k not in BENCHMARK_INPUTS}
-        data = {
-            "format": PROFILE_FORMAT,
-            "settings": settings,
-            "batch_size": c.cfg.batch_size,
-            "grad_accum": c.grad_accum,
-            "planned_for": {
-                "model": self.model,
-                "budget_bytes": self.budget,
-                "seq_len": self.seq_len,
-                "predicted_whole_peak_bytes": c.whole_peak,
-                "predicted_step_peak_bytes": c.step_peak,
-                "predicted_step_s": c.step_s,
-            },
+        planned_for = {
+            "model": self.model,
+            "budget_bytes": self.budget,
+            "seq_len": self.seq_len,
+            "predicted_whole_peak_bytes": c.whole_peak,
+            "predicted_step_peak_bytes": c.step_peak,
+            "predicted_step_s": c.step_s,
         }
-        path = Path(path)
-        write_atomic(path, json.dumps(data, indent=2, default=list) + "\n")
-        return path
-
-
-def read_profile(path: str | Path) -> dict:
-    """A profile file written by `BudgetPlan.write_profile`: {"settings": flat settings with
-    the stack, "batch_size": micro-batch, "grad_accum": micro-batches per step, ...}, checked
-    by building its configuration."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"bad profile file {str(path)!r}: {err}") from None
-    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-        raise ValueError(f"bad profile file {str(path)!r}: not a {PROFILE_FORMAT} file")
-    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()}
-    Techniques.from_flat(**settings)  # refuses a bad setting, naming it
-    return {**data, "settings": settings}
+        return write_profile(path, c.cfg, c.grad_accum, planned_for)
 
 
 def plan_budget(
@@ -193,20 +167,16 @@ def plan_budget(
     seq_len: int,
     batch_size: int = 1,
     baseline: int | None = None,
+    from_directory: bool | None = None,
     experiment: str = "planner",
 ) -> BudgetPlan:
     """The plan for `model` (a registered name, or a Hugging Face directory of a registered
-    architecture) at `seq_len` tokens and `batch_size` sequences per optimizer step."""
-    name, from_dir = _registered(model), model not in REGISTRY
+    architecture) at `seq_len` tokens and `batch_size` sequences per optimizer step.
+    `from_directory`: the run loads a directory a tensor at a time (default: when `model` is
+    one); else a registered model is built in memory. `baseline`: the process's RSS before the
+    model (default: measured, `process_baseline`)."""
     limit = parse_bytes(budget)
-    for label, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"bad {label}={value!r}: must be an integer >= 1")
-    base = process_baseline() if baseline is None else baseline
-    timer = TimeModel.fit()
-    evaluate = _Evaluator(name, seq_len, batch_size, base, timer, experiment, from_dir)
-    micro = tuple(b for b in range(1, batch_size + 1) if batch_size % b == 0)
-    ladders = {**KNOBS, "batch_size": micro}
+    evaluate, ladders = _evaluator(model, seq_len, batch_size, baseline, from_directory, experiment)
     rung = dict.fromkeys(ladders, 0)
     current = evaluate(_config(rung, ladders, seq_len))
     while current.whole_peak <= limit:
@@ -219,7 +189,33 @@ def plan_budget(
         if up is None:
             break
         rung, current = up, evaluate(_config(up, ladders, seq_len))
-    return BudgetPlan(name, limit, seq_len, batch_size, list(evaluate.seen.values()))
+    return BudgetPlan(evaluate.model, limit, seq_len, batch_size, list(evaluate.seen.values()))
+
+
+def smallest(
+    model: str,
+    seq_len: int,
+    batch_size: int = 1,
+    baseline: int | None = None,
+    from_directory: bool | None = None,
+    experiment: str = "planner",
+) -> Candidate:
+    """The most frugal candidate (every knob at its lowest rung): the least whole-process
+    memory this model can train `seq_len` tokens in, whatever the budget."""
+    evaluate, ladders = _evaluator(model, seq_len, batch_size, baseline, from_directory, experiment)
+    return evaluate(_config(dict.fromkeys(ladders, 0), ladders, seq_len))
+
+
+def _evaluator(model, seq_len, batch_size, baseline, from_directory, experiment):
+    name = _registered(model)
+    for label, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"bad {label}={value!r}: must be an integer >= 1")
+    from_dir = model not in REGISTRY if from_directory is None else from_directory
+    base = process_baseline() if baseline is None else baseline
+    evaluate = _Evaluator(name, seq_len, batch_size, base, TimeModel.fit(), experiment, from_dir)
+    micro = tuple(b for b in range(1, batch_size + 1) if batch_size % b == 0)
+    return evaluate, {**KNOBS, "batch_size": micro}
 
 
 def _config(rung: dict, ladders: dict, seq_len: int) -> StackConfig:

@@ -27,7 +27,11 @@ PARAMETER_NAMES = set(flat_fields(StackConfig)) | {
     "force",
     "paper_model",
     "n_contexts",
+    "budgets_gib",
+    "contexts",
 }
+# parameters that keep a notebook's test run small where its defaults are paper-scale
+TEST_PARAMETERS = {"08_budget": {"model": "tiny-llama", "seq_len": 64, "contexts": "64,128"}}
 
 
 def _parameters_cell(path: Path) -> dict:
@@ -63,7 +67,7 @@ def test_notebook_runs_under_papermill_and_writes_ok_records(path, tmp_path, res
     papermill.execute_notebook(
         str(path),
         str(tmp_path / path.name),
-        parameters={"experiment": "nbtest"},
+        parameters={"experiment": "nbtest", **TEST_PARAMETERS.get(path.stem, {})},
         cwd=str(tmp_path),
         progress_bar=False,
         kernel_name="python3",

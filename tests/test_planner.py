@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lowmem import planner
+from lowmem import profile_file
 from lowmem.planner import parse_bytes, plan_budget, process_baseline
 
 SEQ_LEN = 64
@@ -73,9 +73,9 @@ def test_a_profile_file_is_what_prepare_and_the_cli_apply(results_tmp, tmp_path)
 
     plan = plan_budget("tiny-llama", "4GiB", SEQ_LEN, baseline=0)
     path = plan.write_profile(tmp_path / "p.json")
-    settings = dict(planner.read_profile(path)["settings"])
+    settings = dict(profile_file.read_profile(path)["settings"])
     assert lowmem.plan(str(path)) == lowmem.plan(settings.pop("stack"), **settings)
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"format": planner.PROFILE_FORMAT, "settings": {"colour": 1}}))
+    bad.write_text(json.dumps({"format": profile_file.PROFILE_FORMAT, "settings": {"colour": 1}}))
     with pytest.raises(ValueError, match="bad setting 'colour'"):
         lowmem.plan(str(bad))
