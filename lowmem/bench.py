@@ -99,20 +99,18 @@ def run_cell(model_name: str, cfg: StackConfig, meter: str, model_path: str | No
         status, error = "oom", f"{type(err).__name__}: {err}"
     except Exception as err:  # a crash is a result too: record it, the grid carries on
         status, error = "failed", "".join(traceback.format_exception(err))[-4000:]
-    return {
-        "run_id": rid,
-        "status": status,
-        "model": model_name,
-        "weights": weights or {"path": None, "init": "random" if meter != "simulated" else "fake"},
-        "config": cfg.to_dict(),
-        "resolved_config": cfg.resolved().to_dict(),  # what ran: no `auto` left
-        "meter": meter,
-        "device": device,
-        "metrics": metrics,
-        "error": error,
-        "elapsed_s": round(time.perf_counter() - start, 2),
-        "environment": results.environment(),
-    }
+    return results.cell_record(
+        rid,
+        model_name,
+        cfg,
+        meter,
+        metrics,
+        status,
+        device,
+        weights or {"path": None, "init": "random" if meter != "simulated" else "fake"},
+        error,
+        elapsed_s=round(time.perf_counter() - start, 2),
+    )
 
 
 def table1_cells(stacks: tuple[str, ...], models: tuple[str, ...] | None = None) -> list:

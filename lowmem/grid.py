@@ -219,17 +219,8 @@ def _papermill(experiment: str, model: str, cfg: StackConfig, meter: str, force:
             )
         return True
     except papermill.PapermillExecutionError as err:
-        record = {
-            "run_id": results.run_id(model, cfg, meter),
-            "status": "failed",
-            "model": model,
-            "config": cfg.to_dict(),
-            "resolved_config": cfg.resolved().to_dict(),
-            "meter": meter,
-            "device": None,
-            "metrics": {},
-            "error": f"{err.ename}: {err.evalue}",
-            "environment": results.environment(),
-        }
+        rid = results.run_id(model, cfg, meter)
+        error = f"{err.ename}: {err.evalue}"
+        record = results.cell_record(rid, model, cfg, meter, {}, "failed", None, error=error)
         results.write_record(experiment, record)
         return False

@@ -93,6 +93,36 @@ def _git_state() -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
+def cell_record(
+    run_id: str,
+    model: str,
+    cfg: StackConfig,
+    meter: str,
+    metrics: dict,
+    status: str = "ok",
+    device: str | None = "cpu",
+    weights: dict | None = None,
+    error: str | None = None,
+    **extra,
+) -> dict:
+    """A record of one run of `cfg` on `model`: what ran (configuration as given and resolved,
+    weights, meter, device, environment) beside what it measured; `extra` adds fields."""
+    return {
+        "run_id": run_id,
+        "status": status,
+        "model": model,
+        "weights": weights,
+        "config": cfg.to_dict(),
+        "resolved_config": cfg.resolved().to_dict(),  # what ran: no `auto` left
+        "meter": meter,
+        "device": device,
+        "metrics": metrics,
+        "error": error,
+        **extra,
+        "environment": environment(),
+    }
+
+
 def write_record(experiment: str, record: dict) -> Path:
     """Write `record` as results/raw/<experiment>/<run_id>.json, atomically."""
     if record.get("status") not in STATUSES:

@@ -36,16 +36,12 @@ with tempfile.TemporaryDirectory() as tmp:
     manifest = json.loads((out / MANIFEST).read_text())
     files = sum(f.stat().st_size for f in out.iterdir())
     shards = len(list(out.glob("lowmem-*.safetensors")))
-record = {
-    "run_id": results.run_id(MODEL, cfg, "cpu") + "__convert",
-    "status": "ok",
-    "model": MODEL,
-    "weights": weights_identity(path),
-    "config": cfg.to_dict(),
-    "resolved_config": cfg.resolved().to_dict(),
-    "meter": "cpu",
-    "device": "cpu",
-    "metrics": {
+record = results.cell_record(
+    results.run_id(MODEL, cfg, "cpu") + "__convert",
+    MODEL,
+    cfg,
+    "cpu",
+    {
         "parameters": manifest["parameters"],
         "tensor_bytes": manifest["tensor_bytes"],
         "bytes_per_parameter": manifest["bytes_per_parameter"],
@@ -61,9 +57,8 @@ record = {
         "convert_peak_rss_bytes": rss,
         "convert_s": round(elapsed, 2),
     },
-    "error": None,
-    "environment": results.environment(),
-}
+    weights=weights_identity(path),
+)
 print(results.write_record("convert_check", record))
 m = record["metrics"]
 print(

@@ -28,24 +28,19 @@ start = time.perf_counter()
 with tracker:
     model = load_quantized(path, cfg)
 elapsed = time.perf_counter() - start
-record = {
-    "run_id": results.run_id(MODEL, cfg, "cpu") + "__load",
-    "status": "ok",
-    "model": MODEL,
-    "weights": weights_identity(path),
-    "config": cfg.to_dict(),
-    "resolved_config": cfg.resolved().to_dict(),
-    "meter": "cpu",
-    "device": "cpu",
-    "metrics": {
+record = results.cell_record(
+    results.run_id(MODEL, cfg, "cpu") + "__load",
+    MODEL,
+    cfg,
+    "cpu",
+    {
         "load_peak_bytes": tracker.peak,
         "load_peak_op": tracker.peak_op,
         "load_peak_tensors": tracker.peak_tensors,
         "fp32_weight_bytes": fp32,
         "load_s": round(elapsed, 2),
     },
-    "error": None,
-    "environment": results.environment(),
-}
+    weights=weights_identity(path),
+)
 print(results.write_record("loader_check", record))
 print(f"load peak {tracker.peak / 2**20:.1f} MiB vs FP32 weights {fp32 / 2**20:.1f} MiB")
