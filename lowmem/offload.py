@@ -198,6 +198,12 @@ class DiskStore:
     def resident(self) -> list[torch.Tensor]:
         return []  # entries wait in files, not on the device
 
+    def flush(self) -> None:
+        """Wait until every entry put so far is in its file (the writer thread holds each
+        one until then)."""
+        for write in list(self._writes.values()):
+            self._wait(write)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._writes.clear()

@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset
 
 from lowmem.config import StackConfig
-from lowmem.loss import compute_loss
+from lowmem.loss import check_token_ids, compute_loss
 from lowmem.reference import trainable_positions
 
 COLUMNS = ("input_ids", "labels")
@@ -50,6 +50,19 @@ class BatchOrder:
 
     def batch(self, position: int, device: torch.device) -> dict[str, torch.Tensor]:
         return to_batch(self.ds, self.rows(position), device)
+
+
+def check_dataset(ds: Dataset, vocab_size: int, name: str) -> None:
+    """Refuse a dataset without the COLUMNS or with a token id outside the vocabulary."""
+    missing = [c for c in COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{name} lacks column(s) {', '.join(missing)}; it needs {COLUMNS}")
+    if len(ds):
+        got = ds.select_columns(list(COLUMNS)).with_format("torch")[:]
+        ids, labels = (
+            got[c] if isinstance(got[c], torch.Tensor) else torch.cat(list(got[c])) for c in COLUMNS
+        )
+        check_token_ids(ids, labels, vocab_size, where=name)
 
 
 def to_batch(ds: Dataset, rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:

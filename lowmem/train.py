@@ -46,9 +46,9 @@ from transformers import get_scheduler
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import StackConfig, parse_spec
 from lowmem.loader import load_quantized, loads_by_tensor
-from lowmem.loss import check_token_ids
 from lowmem.meter import StepMeter
 from lowmem.models import build_model
+from lowmem.process import ProcessWatch, loading, offload_stats, process_summary, settle
 from lowmem.resume import (
     append_log,
     load_checkpoint,
@@ -62,7 +62,7 @@ from lowmem.resume import (
 )
 from lowmem.settings import check_types, flat_fields, parse_value
 from lowmem.stack import apply_stack
-from lowmem.step import COLUMNS, BatchOrder, accumulate, evaluate
+from lowmem.step import BatchOrder, accumulate, check_dataset, evaluate
 
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 TRAIN_METERS = ("cpu", "cuda")
@@ -187,12 +187,16 @@ def training_model(
     model_path: str | None = None,
 ) -> Iterator[torch.nn.Module]:
     """A registered model under a stack row (seeded by stack.seed); offload files go at exit.
-    A directory under a row that quantizes with the lowmem backend loads a tensor at a time."""
+    A directory under a row that quantizes with the lowmem backend loads a tensor at a time.
+    The process's RSS before and while it loads goes with the model (`train` reports it)."""
     torch.manual_seed(stack.seed)
-    if loads_by_tensor(stack, model_path):  # never the FP32 model (lowmem.loader)
-        model = load_quantized(model_path, stack, device=device)
-    else:
-        model = apply_stack(build_model(name, init, device, model_path), stack)
+    with loading() as rss:
+        if loads_by_tensor(stack, model_path):  # never the FP32 model (lowmem.loader)
+            model = load_quantized(model_path, stack, device=device)
+        else:
+            model = apply_stack(build_model(name, init, device, model_path), stack)
+        settle(model)  # streamed weights written: part of setup, not of the first step
+    model.lowmem_process = rss
     try:
         yield model
     finally:
@@ -249,6 +253,7 @@ def _loop(model, cfg: TrainConfig, train_ds, eval_ds, out: Path, state, meter, p
         restore(state, model, optimizer, scheduler)
         step, position = state["step"], state["position"]
     step_meter = StepMeter(meter, model, optimizer, cfg.meter_steps)
+    watch = ProcessWatch(getattr(model, "lowmem_process", None))
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress)
     model.train()
     with contextlib.closing(bar):
@@ -258,7 +263,9 @@ def _loop(model, cfg: TrainConfig, train_ds, eval_ds, out: Path, state, meter, p
             step += 1
             batches = [order.batch(position + i, device) for i in range(cfg.grad_accum)]
             position += cfg.grad_accum
-            entry = {"step": step, **_step(model, cfg, batches, optimizer, scheduler, step_meter)}
+            with watch.step(lambda: offload_stats(model)):
+                entry = _step(model, cfg, batches, optimizer, scheduler, step_meter)
+            entry = {"step": step, **entry, "process": watch.step_result()}
             append_log(out, entry)
             postfix = {"loss": f"{entry['loss']:.3f}", "tok/s": f"{entry['tokens_per_s']:.0f}"}
             if entry["peak_bytes"] is not None:
@@ -272,11 +279,10 @@ def _loop(model, cfg: TrainConfig, train_ds, eval_ds, out: Path, state, meter, p
             if callback is not None:
                 callback(entry)
     save_adapter(model, out)
-    summary = summarize(read_log(out), meter) | {
-        "trainable_parameters": sum(p.numel() for p in params),
-        "out_dir": str(out),
-        "adapter": str(out / "adapter"),
-    }
+    entries = read_log(out)
+    summary = summarize(entries, meter) | process_summary(entries, watch)
+    summary |= {"trainable_parameters": sum(p.numel() for p in params), "out_dir": str(out)}
+    summary["adapter"] = str(out / "adapter")
     write_json(out / "summary.json", summary)
     return summary
 
@@ -323,18 +329,8 @@ def _check_inputs(model, cfg: TrainConfig, train_ds, eval_ds, meter: str) -> Non
     vocab_size = model.config.vocab_size
     cfg.stack.check_model(vocab_size)
     for name, ds in (("train_ds", train_ds), ("eval_ds", eval_ds)):
-        if ds is None:
-            continue
-        missing = [c for c in COLUMNS if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"{name} lacks column(s) {', '.join(missing)}; it needs {COLUMNS}")
-        if len(ds):
-            got = ds.select_columns(list(COLUMNS)).with_format("torch")[:]
-            ids, labels = (
-                got[c] if isinstance(got[c], torch.Tensor) else torch.cat(list(got[c]))
-                for c in COLUMNS
-            )
-            check_token_ids(ids, labels, vocab_size, where=name)
+        if ds is not None:
+            check_dataset(ds, vocab_size, name)
     if len(train_ds) < cfg.batch_size:
         raise ValueError(
             f"train_ds has {len(train_ds)} rows: fewer than batch_size={cfg.batch_size}"

@@ -30,6 +30,7 @@ import torch
 from lowmem.models import base_model
 from lowmem.quant_linear import QuantLinear
 from lowmem.quantize import QuantizedWeight, dequantize
+from lowmem.timers import clock
 from lowmem.weights import FrozenWeight, PackedWeight
 
 _PARTS = ("codes", "scales", "zeros")
@@ -76,7 +77,8 @@ class VocabStream(FrozenWeight):
         chunk, parts = self.row_block, []
         for k in range(start // chunk, -(-stop // chunk)):
             a, qw = k * chunk, self._load(k)
-            parts.append(qw.rows(max(start - a, 0), min(stop - a, qw.shape[0])))
+            with clock("dequantize"):
+                parts.append(qw.rows(max(start - a, 0), min(stop - a, qw.shape[0])))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
@@ -95,7 +97,8 @@ class VocabStream(FrozenWeight):
         qw = QuantizedWeight(
             gathered["codes"], gathered["scales"], gathered.get("zeros"), shape, *self.fmt
         )
-        return dequantize(qw).reshape(*ids.shape, self.d)
+        with clock("dequantize"):
+            return dequantize(qw).reshape(*ids.shape, self.d)
 
 
 def stream_vocab(model: torch.nn.Module, store, chunk: int) -> list[VocabStream]:

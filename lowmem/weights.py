@@ -37,6 +37,8 @@ import abc
 
 import torch
 
+from lowmem.timers import clock
+
 
 class FrozenWeight(torch.nn.Module, abc.ABC):
     """A frozen D_out x D_in weight (and optional D_out bias); subclasses say where rows come from.
@@ -149,12 +151,14 @@ class PackedWeight(FrozenWeight):
         return QuantizedWeight(codes, scales, zeros, self.shape, self.bits, self.group_size)
 
     def rows_from(self, tensors, start: int, stop: int) -> torch.Tensor:
-        return self.packed(tensors).rows(start, stop)
+        with clock("dequantize"):
+            return self.packed(tensors).rows(start, stop)
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
         from lowmem.quantize import dequantize_rows
 
-        return dequantize_rows(self.packed(), ids)
+        with clock("dequantize"):
+            return dequantize_rows(self.packed(), ids)
 
     @property
     def nbytes(self) -> int:
