@@ -6,12 +6,18 @@ policy, MLP tile, loss chunk, dequantization chunk, and the micro-batch of the r
 with gradient accumulation for the rest), each a ladder from its most frugal value to its
 fastest. A candidate's whole-process peak is
 
-    process baseline (interpreter + torch + transformers, measured once in a subprocess)
+    process baseline (interpreter + torch + transformers, measured once in a subprocess; a
+      `train` run also holds its tokenizer and tokenized data: +0.14 GiB after the trim on
+      Llama-3.2 3B with Shakespeare, experiments/edge, not in this term)
     + the larger of
-      - setup: loading the model. From a directory (`lowmem.loader`): the quantized weights +
-        the largest tensor in FP32 + four row blocks; a registered model built in memory: its
-        FP32 weights + their quantized copy + two FP32 temporaries of the largest tensor while
-        it is quantized (what `measure` / `train` without --model-path do)
+      - setup: loading the model. From a converted directory (`python -m lowmem convert`, read
+        by `lowmem.loader`): the largest packed tensor (its shard's pages resident until the
+        weights reach the offload store) + four row blocks, + every quantized weight when they
+        are not streamed (they stay resident); a registered model built in memory: its FP32
+        weights + their quantized copy + two FP32 temporaries of the largest tensor while it
+        is quantized (what `measure` / `train` without --model-path do). Llama-3.2 3B from a
+        converted directory, best: predicted 0.29 GiB, measured 0.31 GiB above the baseline
+        (experiments/edge)
       - the step's peak (the simulated meter, one record per configuration, cached under
         results/raw/planner/ like any other record) + AdamW's two FP32 moments of the
         trainable parameters (they outlive the step),
@@ -241,9 +247,15 @@ class _Evaluator:
         if cfg not in self.seen:
             m = step_record(self.model, cfg, self.experiment)["metrics"]
             c = load_config(self.model)
-            if self.from_dir:  # lowmem.loader: a tensor at a time
-                setup = m["stored_weight_bytes"] + 4 * c.vocab_size * c.hidden_size
-                setup += 4 * BLOCK_BYTES
+            if self.from_dir:  # a converted directory, a tensor at a time (lowmem.loader)
+                q = cfg.quant
+                packed = (
+                    c.vocab_size
+                    * c.hidden_size
+                    * (q.bits / 8 + 4 / (q.group_size or c.hidden_size))
+                )
+                setup = int(packed) + 4 * BLOCK_BYTES
+                setup += 0 if cfg.checkpoint.stream_weights else m["stored_weight_bytes"]
             else:  # built in FP32, then quantized; quantizing the largest tensor (the
                 # embedding) whole holds two FP32 temporaries of it (w / scale, its rounding)
                 setup = 4 * m["parameters"] + m["stored_weight_bytes"]
