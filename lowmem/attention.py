@@ -19,6 +19,10 @@ of transformers' `sdpa_attention_forward` with its choice forced, including its 
 compare the two op by op; its NPU-only mask conversion is left out: lowmem runs on CPU and
 CUDA).
 
+A third path, `lowmem_blocks_<n>` (`KernelSettings.attention_block` = n > 0), runs the exact
+block attention of `lowmem.block_attention` (n tokens per query and key block, no T x T
+tensor, no K/V copies) with the same mask; `set_gqa` registers it on first use.
+
 The selected name lives in `model.config._attn_implementation`. config.json never records it
 (transformers drops it when saving), but a model handed on in memory to code that has not
 imported lowmem should be set back with `model.set_attn_implementation("sdpa")`.
@@ -34,6 +38,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import pack_gqa, repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lowmem.block_attention import block_attention
 from lowmem.models import base_model
 
 IMPLEMENTATIONS = {"repeat_kv": "lowmem_sdpa_repeat_kv", "native": "lowmem_sdpa_native"}
@@ -98,8 +103,47 @@ for _gqa, _name in IMPLEMENTATIONS.items():
     AttentionMaskInterface.register(_name, sdpa_mask)
 
 
-def set_gqa(model: torch.nn.Module, gqa: str) -> None:
-    """Run every attention layer of a (peft-wrapped) Hugging Face model on the `gqa` path."""
+def blocked_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    *,
+    block: int,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`sdpa_attention`'s contract (same arguments, mask and causal rule, B x T x H x d out)
+    computed by `lowmem.block_attention` in blocks of `block` tokens."""
+    if dropout:
+        raise ValueError(f"bad dropout={dropout!r}: block attention has none (must be 0)")
+    for name in ("softcap", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"lowmem's block attention takes no {name}= (got a value)")
+    q_length = query.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = q_length > 1 and attention_mask is None and is_causal
+    if is_causal and key.shape[2] > q_length:  # prefill into an empty static cache
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    out = block_attention(query, key, value, attention_mask, scaling, is_causal, block)
+    return out, None
+
+
+def set_gqa(model: torch.nn.Module, gqa: str, attention_block: int = 0) -> None:
+    """Run every attention layer of a (peft-wrapped) Hugging Face model on the `gqa` path, or
+    in blocks of `attention_block` tokens when that is > 0 (GQA then copies nothing)."""
     if gqa not in IMPLEMENTATIONS:
         raise ValueError(f"bad gqa={gqa!r}: must be one of {', '.join(IMPLEMENTATIONS)}")
-    base_model(model).set_attn_implementation(IMPLEMENTATIONS[gqa])
+    if not (isinstance(attention_block, int) and attention_block >= 0):
+        raise ValueError(f"bad attention_block={attention_block!r}: must be an integer >= 0")
+    name = IMPLEMENTATIONS[gqa]
+    if attention_block:
+        name = f"lowmem_blocks_{attention_block}"
+        AttentionInterface.register(
+            name, functools.partial(blocked_attention, block=attention_block)
+        )
+        AttentionMaskInterface.register(name, sdpa_mask)
+    base_model(model).set_attn_implementation(name)

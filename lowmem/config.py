@@ -46,6 +46,8 @@ class Profile:
     """Tokens per MLP tile (0 = no tiling)."""
     prefetch: bool = True
     """Read layer i - 1's input and weights while layer i runs backward."""
+    attention_block: Callable[[int], int] = lambda seq_len: 0
+    """Tokens per query and key block of the exact block attention, from T (0 = SDPA)."""
 
 
 _PAPER_LABELS = (
@@ -64,13 +66,17 @@ PROFILES: dict[str, Profile] = {
 # beyond the paper: every exact technique, no approximation of the loss. The FP32 piece of a
 # dequantized weight stays small next to the layer's T x D activations, and its count per
 # tiled-MLP pass stays constant in T from 8192 on (re-dequantized per tile); prefetch off: one
-# layer's weights on the device at a time
+# layer's weights on the device at a time. Block attention (lowmem.block_attention) stays off
+# by default until Table 1's best records are re-measured with it and its step time is known:
+# attention_block=max(256, T // 32) measured 0.347 -> 0.324 GiB at 2048 and 1.818 -> 1.695 GiB
+# at 16384 (results/raw/block_attention/, experiments/LOG.md)
 PROFILES["best"] = Profile(
     "lowmem best (exact loss)",
     ("lora", "quantize", "checkpoint", "logits_mask", "fused_loss", "fused_norm"),
     dequant_rows=lambda seq_len: max(1024, seq_len // 8),
     mlp_tile=256,
     prefetch=False,
+    attention_block=lambda seq_len: 0,
 )
 ROWS = tuple(PROFILES)
 LABELS = {row: profile.label for row, profile in PROFILES.items()}
@@ -98,6 +104,13 @@ class Techniques:
             check(isinstance(value, section), name, value, f"a lowmem.{section.__name__}")
         tile = self.kernels.mlp_tile if self.kernels.mlp_tile >= 0 else self.profile.mlp_tile
         policy = self.checkpoint.cache_policy
+        blocks = self._attention_block(getattr(self, "seq_len", AUTO_SEQ_LEN))
+        check(
+            not (self.kernels.gqa == "repeat_kv" and blocks),
+            "gqa",
+            self.kernels.gqa,
+            "auto or native with block attention (it never copies K/V), or attention_block=0",
+        )
         check(
             not (tile and policy in ("mlp", "all_linear")),
             "cache_policy",
@@ -159,17 +172,22 @@ class Techniques:
     def profile(self) -> Profile:
         return PROFILES[self.stack]
 
+    def _attention_block(self, seq_len: int) -> int:
+        block = self.kernels.attention_block
+        return block if block >= 0 else self.profile.attention_block(seq_len)
+
     def enabled(self, technique: str) -> bool:
         """Whether `technique` is on in this row (PROFILES)."""
         return technique in self.profile.techniques
 
     def resolved(self, seq_len: int | None = None):
         """The same configuration with every `auto` setting replaced by what this row runs at
-        `seq_len` tokens (the dequantization chunk of best grows with it; default: the run's
+        `seq_len` tokens (best's dequantization chunk and attention block grow with it; the run's
         own seq_len, or AUTO_SEQ_LEN for a configuration without one)."""
         seq_len = seq_len or getattr(self, "seq_len", AUTO_SEQ_LEN)
         k, c, profile = self.kernels, self.checkpoint, self.profile
-        gqa = "native" if self.enabled("quantize") else "repeat_kv"
+        block = self._attention_block(seq_len)
+        gqa = "native" if self.enabled("quantize") or block else "repeat_kv"
         kernels = dataclasses.replace(
             k,
             dequant_chunk=k.dequant_chunk
@@ -177,6 +195,7 @@ class Techniques:
             else profile.dequant_rows(seq_len),
             mlp_tile=k.mlp_tile if k.mlp_tile >= 0 else profile.mlp_tile,
             gqa=k.gqa if k.gqa != "auto" else gqa,
+            attention_block=block,
         )
         prefetch = c.offload_prefetch if c.offload_prefetch >= 0 else int(profile.prefetch)
         checkpoint = dataclasses.replace(c, offload_prefetch=prefetch)

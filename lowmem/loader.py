@@ -113,7 +113,7 @@ def load_quantized(
             packed = unpacker(shards.view, manifest["quantization"])
             model.config._name_or_path = manifest["source"]["path"]  # the FP32 base of adapters
         placeholders = _placeholders(model)
-        set_gqa(model, cfg.kernels.gqa)
+        set_gqa(model, cfg.kernels.gqa, cfg.kernels.attention_block)
         model = apply_lora(model, cfg)
         _materialize(base_model(model), shards.rows, packed, placeholders, cfg)
     return apply_after_quantize(model.to(device), cfg, meter)

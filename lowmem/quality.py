@@ -169,7 +169,8 @@ def fp32_base_loss(deployed: torch.nn.Module, ds, protocol: Protocol) -> float:
     """Held-out exact loss of a deployed model, evaluated as every row is (on the `lora` row's
     attention path: it is that row's model; the deployed model is switched to it)."""
     stack = row_config(REFERENCE, protocol).stack
-    set_gqa(deployed, stack.resolved().kernels.gqa)
+    resolved = stack.resolved()
+    set_gqa(deployed, resolved.kernels.gqa, resolved.kernels.attention_block)
     return evaluate(deployed, stack, ds, protocol.batch_size, protocol.eval_batches)
 
 

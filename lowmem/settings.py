@@ -146,12 +146,16 @@ class KernelSettings:
     """Grouped-query attention in SDPA: "repeat_kv" copies the K/V heads up to the query heads
     before the kernel; "native" passes enable_gqa=True and copies nothing; "auto" does what
     Table 1's numbers imply for each row: repeat_kv for baseline and lora, native from quantize
-    on (experiments/LOG.md)."""
+    on (experiments/LOG.md); native whenever attention_block is on."""
+    attention_block: int = -1
+    """Tokens per query (and key) block of the exact block attention (lowmem.block_attention):
+    0 = SDPA, -1 = auto (SDPA in every row for now; 256 measured best at 2048)."""
 
     def __post_init__(self) -> None:
         check_types(self)
         check(self.dequant_chunk >= -1, "dequant_chunk", self.dequant_chunk, ">= -1")
         check(self.mlp_tile >= -1, "mlp_tile", self.mlp_tile, ">= -1")
+        check(self.attention_block >= -1, "attention_block", self.attention_block, ">= -1")
         _positive(self, "loss_chunk")
         _one_of(self, "gqa", GQA_MODES)
 

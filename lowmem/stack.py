@@ -13,7 +13,8 @@ applies a row to a model and builds its benchmark batch.
 
 Every row also fixes the model's grouped-query attention path (`KernelSettings.gqa`,
 `lowmem.attention`): repeat_kv for baseline and lora, native from quantize on, as Table 1
-implies. It is the model's own setting (its attention implementation), not a process-wide one.
+implies; with `KernelSettings.attention_block` > 0 (best) the exact block attention replaces
+SDPA. It is the model's own setting (its attention implementation), not a process-wide one.
 
 The benchmark batch is the paper's setting: batch 1, T random tokens, and labels that mark the
 last 30% of positions trainable (the rest -100), which only matters once logits masking exists.
@@ -46,7 +47,7 @@ def apply_stack(model: torch.nn.Module, cfg: Techniques, meter: str = "cpu") -> 
     check_architecture(model.config)
     cfg.check_model(model.config.vocab_size)
     cfg = cfg.resolved()
-    set_gqa(model, cfg.kernels.gqa)
+    set_gqa(model, cfg.kernels.gqa, cfg.kernels.attention_block)
     if not cfg.enabled("lora"):
         for p in model.parameters():
             p.requires_grad_(True)
