@@ -114,7 +114,7 @@ def convert(
     shapes = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
     quant = quant_settings(cfg)
     sizes = {name: packed_bytes(shape, quant) for name, shape in shapes.items()}
-    groups = _shard_groups(sizes, shard_bytes or max(sizes.values()))
+    groups = shard_groups(sizes, shard_bytes or max(sizes.values()))
     with contextlib.ExitStack() as files:
         shards = open_shards(src, {k: (s, DISK_DTYPES) for k, s in shapes.items()}, files)
         with _target(out, force) as tmp:
@@ -165,7 +165,7 @@ def _target(out: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def _shard_groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
+def shard_groups(sizes: dict[str, int], budget: int) -> list[list[str]]:
     """Parameters in order, cut into shards of at most `budget` bytes (a larger parameter
     alone in its shard)."""
     groups, total = [[]], 0

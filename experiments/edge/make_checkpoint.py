@@ -19,23 +19,11 @@ from pathlib import Path
 
 import torch
 
+from lowmem.convert import shard_groups
 from lowmem.loader import skeleton
 from lowmem.models import get_spec, load_config, load_tokenizer
 
 BLOCK_ELEMENTS = 8 * 2**20  # BF16 values generated at a time (16 MiB)
-
-
-def shard_plan(shapes: dict[str, tuple], limit: int) -> list[list[str]]:
-    """Tensors in model order, cut into shards of at most `limit` bytes of BF16."""
-    groups, total = [[]], 0
-    for name, shape in shapes.items():
-        size = 2 * torch.Size(shape).numel()
-        if groups[-1] and total + size > limit:
-            groups.append([])
-            total = 0
-        groups[-1].append(name)
-        total += size
-    return groups
 
 
 def write_shard(path: Path, names: list[str], shapes: dict, std: float, seed: int) -> int:
@@ -75,7 +63,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=False)
     config = load_config(args.model)
     shapes = {n: tuple(t.shape) for n, t in skeleton(config).named_parameters()}  # tied once
-    groups = shard_plan(shapes, int(args.shard_gb * 1e9))
+    sizes = {name: 2 * torch.Size(shape).numel() for name, shape in shapes.items()}  # BF16
+    groups = shard_groups(sizes, int(args.shard_gb * 1e9))
     weight_map, total = {}, 0
     for i, names in enumerate(groups, 1):
         file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
