@@ -20,7 +20,6 @@ import itertools
 import tempfile
 from pathlib import Path
 
-import papermill
 import yaml
 from tqdm.auto import tqdm
 
@@ -206,6 +205,8 @@ def _in_process(experiment: str, model: str, cfg: StackConfig, meter: str, force
 
 
 def _papermill(experiment: str, model: str, cfg: StackConfig, meter: str, force: bool) -> bool:
+    import papermill  # here: the in-process executor (and a GPU machine) runs without jupyter
+
     params = {**cfg.to_dict(), "model": model, "meter": meter, "experiment": experiment}
     params["lora_targets"] = ",".join(cfg.lora.targets)
     try:

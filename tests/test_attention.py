@@ -4,7 +4,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AttentionInterface
 from transformers.integrations import sdpa_attention
 
-from lowmem.attention import IMPLEMENTATIONS, set_gqa
+from lowmem import attention
+from lowmem.attention import IMPLEMENTATIONS, math_path_for_gqa, set_gqa
 from lowmem.attention import sdpa_attention as lowmem_sdpa
 from lowmem.config import StackConfig
 from lowmem.models import build_model
@@ -53,6 +54,25 @@ def test_each_path_runs_the_ops_of_transformers_sdpa_with_that_path_forced(
         expected, _ = sdpa_attention.sdpa_attention_forward(module, *args, **kwargs)
     assert ours.ops == theirs.ops
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("q_length, mask", [(12, "none"), (12, "bool"), (1, "bool")])
+def test_native_copies_kv_where_sdpa_would_take_its_math_path(monkeypatch, q_length, mask):
+    """Where no fused CUDA kernel takes GQA (FP32 on a GPU), "native" runs as "repeat_kv" does
+    (the ops and output of that path), never SDPA's math path with its T x S probabilities."""
+    module, args, kwargs = _Attention(), _inputs(q_length, mask), dict(dropout=0.0, scaling=0.3)
+    with _Ops() as copies:
+        expected, _ = lowmem_sdpa(module, *args, gqa="repeat_kv", **kwargs)
+    monkeypatch.setattr(attention, "math_path_for_gqa", lambda *a: True)
+    with _Ops() as native:
+        out, _ = lowmem_sdpa(module, *args, gqa="native", **kwargs)
+    assert native.ops == copies.ops
+    assert torch.equal(out, expected)
+
+
+def test_the_math_path_is_never_predicted_off_cuda():
+    q, k, v, mask = _inputs(12, "bool")
+    assert not math_path_for_gqa(q, k, v, mask, 0.0, False)
 
 
 def test_rows_set_their_path_on_their_own_model_and_nothing_process_wide():

@@ -152,7 +152,10 @@ def test_auto_resolves_to_sdpa_and_an_explicit_block_turns_blocks_on():
     "kwargs, message",
     [
         ({"attention_block": -2}, "bad attention_block=-2: must be >= -1"),
-        ({"attention_block": 64, "gqa": "repeat_kv"}, "bad gqa='repeat_kv': must be auto or native"),
+        (
+            {"attention_block": 64, "gqa": "repeat_kv"},
+            "bad gqa='repeat_kv': must be auto or native",
+        ),
     ],
 )
 def test_bad_settings_fail_with_a_clear_message(kwargs, message):

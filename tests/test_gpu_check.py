@@ -1,5 +1,6 @@
 """`make gpu-check` on a machine without a GPU: the cells, the refusal, the table."""
 
+import pytest
 import torch
 
 from lowmem import gpu_check, results
@@ -47,15 +48,18 @@ def test_the_table_puts_cuda_beside_simulated():
                 "lora",
                 "cuda",
                 peak_bytes=int(2.5 * GiB),
+                reserved_peak_bytes=3 * GiB,
                 tracked_peak_bytes=2 * GiB,
             ),
             _record("qwen-2.5-3b", "baseline", "cuda", status="oom"),
         ]
     )
     lines = table.splitlines()
-    assert lines[0].startswith("| model | row | T | cuda GiB | tracked GiB | simulated GiB |")
-    assert lines[2] == "| llama-3.2-3b | lora | 2048 | 2.50 | 2.00 | 2.00 | 1.250 |"
-    assert lines[3] == "| qwen-2.5-3b | baseline | 2048 | oom | oom | - | - |"
+    assert lines[0].startswith(
+        "| model | row | T | cuda GiB | reserved GiB | tracked GiB | simulated GiB |"
+    )
+    assert lines[2] == "| llama-3.2-3b | lora | 2048 | 2.50 | 3.00 | 2.00 | 2.00 | 1.250 |"
+    assert lines[3] == "| qwen-2.5-3b | baseline | 2048 | oom | oom | oom | - | - |"
 
 
 def test_main_measures_each_cell_under_both_meters_and_prints_the_table(
@@ -79,4 +83,50 @@ def test_main_measures_each_cell_under_both_meters_and_prints_the_table(
     )
     assert len(list((results_tmp / "raw" / "gpu_check").glob("*.json"))) == 28
     out = capsys.readouterr().out
-    assert out.count("| 1.00 | 1.00 | 1.00 | 1.000 |") == 14
+    assert out.count("| 1.00 | - | 1.00 | 1.00 | 1.000 |") == 14
+
+
+def test_long_adds_the_two_rows_below_the_paper_at_long_contexts():
+    extra = [c for c in gpu_check.cells(long=True) if c not in gpu_check.cells()]
+    assert sorted((m, c.stack, c.seq_len) for m, c in extra) == sorted(
+        (m, s, t)
+        for m in ("llama-3.2-3b", "qwen-2.5-3b")
+        for s in ("softmax_approx", "logits_mask")
+        for t in (4096, 8192, 16384)
+    )
+
+
+def test_cuda_alone_takes_the_simulated_figure_from_table1(monkeypatch, capsys, results_tmp):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    results.write_record("table1", _record("llama-3.2-3b", "lora", "simulated", peak_bytes=GiB))
+    ran = []
+
+    def fake_grid(experiment, cells, executor, force=False):
+        for model, cfg, meter in cells:
+            ran.append(meter)
+            results.write_record(experiment, _record(model, cfg.stack, meter, peak_bytes=2 * GiB))
+
+    monkeypatch.setattr(gpu_check, "run_cells", fake_grid)
+    assert gpu_check.main(["--meters", "cuda"]) == 0
+    assert set(ran) == {"cuda"} and len(ran) == 14
+    row = [x for x in capsys.readouterr().out.splitlines() if "| llama-3.2-3b | lora |" in x]
+    assert row == ["| llama-3.2-3b | lora | 2048 | 2.00 | - | - | 1.00 | 2.000 |"]
+
+
+def test_bad_meters_are_refused_naming_the_value(capsys):
+    try:
+        gpu_check.main(["--meters", "cuda,rocm"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    assert "rocm" in capsys.readouterr().err
+
+
+def test_table_measures_nothing_and_writes_the_table(monkeypatch, capsys, results_tmp):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu_check, "run_cells", lambda *a, **k: pytest.fail("measured"))
+    results.write_record("gpu_check", _record("qwen-2.5-3b", "best", "cuda", peak_bytes=GiB))
+    assert gpu_check.main(["--table"]) == 0
+    table = (results_tmp / "tables" / "gpu_check.md").read_text()
+    assert "| qwen-2.5-3b | best | 2048 | 1.00 | - | - | - | - |" in table
