@@ -36,11 +36,11 @@ grid: $(STAMP)  ## papermill grid, one notebook run per cell: make grid EXP=soft
 	$(OFFLINE) $(PY) -m lowmem grid experiments/$(EXP) $(if $(FORCE),--force)
 	$(PY) -m lowmem table $(EXP)
 
-quality: $(STAMP) assets  ## the quality table: SmolLM2-135M fine-tuned under each stack row (~30 min)
+quality: $(STAMP) assets  ## the quality protocol: SmolLM2-135M, 200 steps x 3 seeds x 2 tasks per row; resumes (hours)
 	$(OFFLINE) $(PY) -m lowmem quality
 
 tables: $(STAMP)  ## rebuild results/tables/ and results/figures/ from the committed records only
-	for e in $(GRIDS) quality; do $(PY) -m lowmem table $$e >/dev/null || exit 1; done
+	for e in $(GRIDS) $(if $(wildcard results/raw/quality/*.json),quality); do $(PY) -m lowmem table $$e >/dev/null || exit 1; done
 	$(PY) -m lowmem figures
 
 gpu-check: $(STAMP)  ## one GPU, < 8 min: cuda vs simulated peaks, 2 paper models x 7 rows at 2048 [FORCE=1]

@@ -105,7 +105,7 @@ def _grid(args: argparse.Namespace) -> int:
 
 def _table(args: argparse.Namespace) -> int:
     if args.experiment == "quality":
-        from lowmem.quality import write_table
+        from lowmem.quality_table import write_table
 
         csv, md = write_table()
     else:
@@ -119,6 +119,7 @@ def _table(args: argparse.Namespace) -> int:
 
 def _quality(args: argparse.Namespace) -> int:
     from lowmem import quality
+    from lowmem.quality_table import write_table
 
     for name in args.tasks or ():
         if name not in quality.TASKS:
@@ -127,7 +128,7 @@ def _quality(args: argparse.Namespace) -> int:
         if row not in quality.ROWS:
             raise ValueError(f"unknown row {row!r}; choose from {', '.join(quality.ROWS)}")
     quality.run(args.tasks or quality.TASKS, args.rows or quality.PRIORITY, force=args.force)
-    print((results.results_dir() / "tables" / "quality.md").read_text())
+    print(write_table()[1].read_text())
     return 0
 
 

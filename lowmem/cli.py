@@ -118,9 +118,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     q = sub.add_parser(
         "quality",
         help="the quality table: LoRA fine-tuning of SmolLM2-135M under each stack row",
-        description="Train every (task, row) not recorded yet with the same data, seed and "
-        "steps (lowmem.quality), write results/raw/quality/<task>__<row>.json, then "
-        "results/tables/quality.{csv,md}.",
+        description="Train every (row, seed, task) not recorded yet with the same data and "
+        "steps (lowmem.quality), write results/raw/quality/<task>__<row>__seed<k>.json, "
+        "then results/tables/quality.{csv,md}.",
     )
     q.add_argument("--tasks", nargs="+", default=None, help="sharegpt and/or shakespeare")
     q.add_argument("--rows", nargs="+", default=None, help="rows of lowmem.quality.ROWS")

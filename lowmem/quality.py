@@ -2,16 +2,20 @@
 
 The paper says its techniques cut memory "without sacrificing model quality" and publishes no
 protocol. Ours: SmolLM2-135M-Instruct (real pretrained weights, `make assets`), LoRA r = 16 on
-q, v, AdamW, the same data order, seed, steps and learning rate for every row; the only thing
-that changes is the stack row, i.e. how the base model is stored and how the loss is computed:
+q, v, AdamW, 200 steps of 4 x 128 tokens, three seeds (LoRA initialisation, data order and
+dropout; the held-out split stays fixed), the same data order, steps and learning rate for
+every row; the only thing that changes is the stack row, i.e. how the base model is stored and
+how the loss is computed:
 
     lora (FP32 reference) -> + INT4 -> + checkpointing/offload (exact: must equal + INT4)
     -> + softmax approximation, each rule at K = 100 and 1000 -> + logits masking (with the
     top-1000 approximation, as in the paper) -> best (exact loss)
 
 Two tasks: ShareGPT conversations, assistant tokens trainable (instruction tuning), and
-Shakespeare blocks (domain adaptation). Each run reports the held-out exact loss before and
-after training (response tokens only for chat; evaluation never approximates the softmax), the
+Shakespeare blocks (domain adaptation; whole plays held out). Each run reports the held-out
+exact loss before and after training (response tokens only for chat; evaluation never
+approximates the softmax) and every `eval_every` steps, the final held-out loss, perplexity and
+next-token accuracy through the `evaluate` metric modules of `lowmem.heldout`, the
 peak of a whole training step (cpu meter, optimizer included) and the median step time. For
 each row it also compares, after training, the gradient of the row's training loss with the
 gradient of the exact loss on a fixed batch (cosine of the concatenated LoRA gradients): 1 for
@@ -23,18 +27,20 @@ reports the held-out exact loss of the trained adapter there (`eval_loss_fp32_ba
 `lora` row that is the row's own model, so the two losses agree; from `int4` on they differ:
 the adapter meets a base it was not trained on (and no longer the INT4 error it learned to undo).
 
-Records: results/raw/quality/<task>__<row>.json; table: results/tables/quality.{csv,md}.
+Records: results/raw/quality/<task>__<row>__seed<k>.json, one per finished run, so `make
+quality` resumes where it stopped; table: results/tables/quality.{csv,md} (mean and spread over
+the seeds). The first, 12-step, one-seed protocol's records and table are in
+results/raw/quality_12steps/ and results/tables/quality_12steps.md (written at 3223175).
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pandas as pd
 import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
@@ -42,6 +48,7 @@ from tqdm.auto import tqdm
 from lowmem import results
 from lowmem.attention import set_gqa
 from lowmem.data import load_task
+from lowmem.heldout import heldout_metrics
 from lowmem.loss import compute_loss
 from lowmem.models import build_model, load_tokenizer
 from lowmem.step import COLUMNS, evaluate, to_batch
@@ -69,34 +76,42 @@ PRIORITY = ("lora", "int4", "checkpoint", "sm_topk_1000", "logits_mask", "best")
 
 @dataclass(frozen=True)
 class Protocol:
-    """What every row of the table shares."""
+    """What every run of the table shares."""
 
     model: str = "smollm2-135m"
     seq_len: int = 128
     batch_size: int = 4
-    steps: int = 12
-    lr: float = 2e-3
-    eval_batches: int = 8
-    limit: int = 400  # ShareGPT conversations kept
+    steps: int = 200
+    lr: float = 1e-3
+    eval_batches: int = 32
+    eval_every: int = 50
+    limit: int = 1000  # ShareGPT conversations kept
     plays: int = 0  # Shakespeare plays used, in file-name order (0 = all 38)
-    seed: int = 0
+    split_seed: int = 0  # the train / held-out split, the same for every seed
+    seeds: tuple[int, ...] = (0, 1, 2)
 
 
-def row_config(row: str, protocol: Protocol) -> TrainConfig:
+def row_config(row: str, protocol: Protocol, seed: int = 0) -> TrainConfig:
+    """The run of `row` with training seed `seed` (LoRA initialisation, data order, dropout)."""
     if row not in ROWS:
         raise ValueError(f"unknown quality row {row!r}; choose from {', '.join(ROWS)}")
-    return make_config(
+    cfg = make_config(
         ROWS[row],
         steps=protocol.steps,
         batch_size=protocol.batch_size,
         lr=protocol.lr,
-        eval_every=protocol.steps,
+        eval_every=protocol.eval_every,
         eval_batches=protocol.eval_batches,
         checkpoint_every=protocol.steps,
         meter_steps=2,  # the peak repeats from step 2 on; tracking every op costs time
-        seed=protocol.seed,
+        seed=seed,
         seq_len=protocol.seq_len,
     )
+    return dataclasses.replace(cfg, stack=cfg.stack.with_settings(seed=seed))
+
+
+def run_id(task_name: str, row: str, seed: int) -> str:
+    return f"{task_name}__{row}__seed{seed}"
 
 
 def run_row(
@@ -104,15 +119,24 @@ def run_row(
     task_name: str,
     row: str,
     protocol: Protocol,
+    seed: int = 0,
     progress: bool = True,
     fp32_base: torch.nn.Module | None = None,
 ) -> dict:
-    """Train one row on `task` (a lowmem.data.Task) and write its record. `fp32_base`: the
-    pretrained FP32 model, if the caller has built it already (it is copied, never changed)."""
-    cfg = row_config(row, protocol)
+    """Train one row on `task` (a lowmem.data.Task) with training seed `seed` and write its
+    record. `fp32_base`: the pretrained FP32 model, if the caller has built it already (it is
+    copied, never changed)."""
+    cfg = row_config(row, protocol, seed)
     with tempfile.TemporaryDirectory(prefix="lowmem-quality-") as out:
         with training_model(protocol.model, cfg.stack, init="pretrained") as model:
             summary = train(model, cfg, task.train, task.test, out, progress=progress)
+            heldout = heldout_metrics(
+                model,
+                task.test,
+                protocol.batch_size,
+                protocol.eval_batches,
+                cfg.stack.kernels.loss_chunk,
+            )
             fixed = to_batch(
                 task.train.select_columns(list(COLUMNS)).with_format("torch"),
                 list(range(protocol.batch_size)),
@@ -125,10 +149,12 @@ def run_row(
     (first, before), (_, after) = summary["eval_losses"][0], summary["eval_losses"][-1]
     assert first == 0, "the run must evaluate the untrained adapter first"
     record = {
-        "run_id": f"{task_name}__{row}",
+        "run_id": run_id(task_name, row, seed),
         "status": "ok",
         "model": protocol.model,
         "task": {"name": task_name, "train_rows": len(task.train), "test_rows": len(task.test)},
+        "row": row,
+        "seed": seed,
         "protocol": asdict(protocol),
         "config": cfg.stack.to_dict(),
         "train_config": {k: v for k, v in cfg.to_dict().items() if k != "stack"},
@@ -136,8 +162,12 @@ def run_row(
         "device": "cpu",
         "metrics": {
             "eval_loss_before": before,
-            "eval_loss": after,
-            "perplexity": math.exp(after),
+            "eval_loss_train_loop": after,  # the training loop's own exact evaluation
+            "eval_loss": heldout["loss"],  # through evaluate (lowmem.heldout), same tokens
+            "perplexity": heldout["perplexity"],
+            "accuracy": heldout["accuracy"],
+            "eval_tokens": heldout["tokens"],
+            "eval_curve": summary["eval_losses"],
             "eval_loss_fp32_base": fp32_loss,
             "train_losses": summary["losses"],
             "peak_bytes": summary["peak_bytes"],
@@ -168,7 +198,7 @@ def fp32_base_model(
 def fp32_base_loss(deployed: torch.nn.Module, ds, protocol: Protocol) -> float:
     """Held-out exact loss of a deployed model, evaluated as every row is (on the `lora` row's
     attention path: it is that row's model; the deployed model is switched to it)."""
-    stack = row_config(REFERENCE, protocol).stack
+    stack = row_config(REFERENCE, protocol).stack  # only its attention path is read
     resolved = stack.resolved()
     set_gqa(deployed, resolved.kernels.gqa, resolved.kernels.attention_block)
     return evaluate(deployed, stack, ds, protocol.batch_size, protocol.eval_batches)
@@ -191,84 +221,27 @@ def grad_cosine(model: torch.nn.Module, stack, batch: dict) -> float:
 def run(
     tasks=TASKS, rows=PRIORITY, protocol: Protocol = Protocol(), force: bool = False
 ) -> list[dict]:
-    """Every (task, row) not recorded yet (all with force); then the table."""
-    tokenizer = load_tokenizer(protocol.model)
-    written, fp32_base = [], None
-    for task_name in tasks:
-        todo = [r for r in rows if force or not _recorded(task_name, r)]
-        if not todo:
-            continue
-        limit = protocol.limit if task_name == "sharegpt" else protocol.plays or None
-        task = load_task(task_name, tokenizer, protocol.seq_len, limit=limit, seed=protocol.seed)
-        # built once (SmolLM2's GGUF takes ~15 s to dequantize), copied for each row
+    """Every (row, seed, task) not recorded yet (all with force), rows in the given order and
+    each row's seeds and tasks together, so a stopped run leaves whole rows. The table:
+    `lowmem.quality_table.write_table`."""
+    todo = [
+        (row, seed, task_name)
+        for row in rows
+        for seed in protocol.seeds
+        for task_name in tasks
+        if force or not results.record_path(EXPERIMENT, run_id(task_name, row, seed)).exists()
+    ]
+    written, loaded, fp32_base = [], {}, None
+    tokenizer = load_tokenizer(protocol.model) if todo else None
+    for row, seed, task_name in tqdm(todo, desc="quality", unit="run"):
+        if task_name not in loaded:
+            limit = protocol.limit if task_name == "sharegpt" else protocol.plays or None
+            loaded[task_name] = load_task(
+                task_name, tokenizer, protocol.seq_len, limit=limit, seed=protocol.split_seed
+            )
+        # built once (SmolLM2's GGUF takes ~15 s to dequantize), copied for each run
         if fp32_base is None:
             fp32_base = build_model(protocol.model, "pretrained").eval()
-        for row in tqdm(todo, desc=f"quality {task_name}", unit="row"):
-            written.append(run_row(task, task_name, row, protocol, False, fp32_base))
-    write_table()
+        task = loaded[task_name]
+        written.append(run_row(task, task_name, row, protocol, seed, False, fp32_base))
     return written
-
-
-def _recorded(task_name: str, row: str) -> bool:
-    return results.record_path(EXPERIMENT, f"{task_name}__{row}").exists()
-
-
-def quality_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per (task, row), with the differences to the task's reference row."""
-    frame = pd.DataFrame(
-        {
-            "task": r["task"]["name"],
-            "row": r["run_id"].split("__", 1)[1],
-            **{k: r["metrics"][k] for k in ("eval_loss_before", "eval_loss", "perplexity")},
-            # records written before the FP32-base evaluation existed have none
-            "eval_loss_fp32_base": r["metrics"].get("eval_loss_fp32_base", math.nan),
-            "peak_mib": r["metrics"]["peak_bytes"] / 2**20,
-            "step_s": r["metrics"]["step_s_median"],
-            "grad_cosine": r["metrics"]["grad_cosine"],
-        }
-        for r in records
-        if r["status"] == "ok"
-    )
-    ref = frame[frame["row"] == REFERENCE].set_index("task")
-    frame["loss_vs_ref"] = frame["eval_loss"] - frame["task"].map(ref["eval_loss"])
-    frame["fp32_base_vs_ref"] = frame["eval_loss_fp32_base"] - frame["task"].map(ref["eval_loss"])
-    frame["time_vs_ref"] = frame["step_s"] / frame["task"].map(ref["step_s"])
-    frame["order"] = frame["row"].map(list(ROWS).index)
-    return frame.sort_values(["task", "order"]).drop(columns="order")
-
-
-def write_table() -> tuple[Path, Path]:
-    records = results.load_records(EXPERIMENT)
-    if not records:
-        raise ValueError(f"no records under {results.results_dir() / 'raw' / EXPERIMENT}")
-    frame = quality_frame(records)
-    out = results.results_dir() / "tables"
-    out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out / "quality.csv", index=False, float_format="%.5f")
-    p = Protocol(**records[0]["protocol"])
-    lines = [
-        "# quality: held-out exact loss after LoRA fine-tuning under each stack row\n",
-        f"{p.model}, {p.steps} steps of {p.batch_size} x {p.seq_len} tokens, AdamW lr {p.lr}, "
-        f"seed {p.seed}; eval on {p.eval_batches} held-out batches (chat: assistant tokens "
-        "only). Eval loss: the row's own model (its base as the row stores it) + the adapter; "
-        "on FP32 base: the same adapter loaded with peft onto the FP32 pretrained model, as it "
-        "is deployed (vs lora: difference to the `lora` row's eval loss). Peak: one whole "
-        "training step, cpu meter. Step time: median, relative to `lora`. Generated by "
-        "`python -m lowmem quality` from results/raw/quality/.\n",
-        "| task | row | stack | eval loss before -> after | perplexity | vs lora "
-        "| on FP32 base (vs lora) | peak MiB | step time | grad cosine |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for _, c in frame.iterrows():
-        fp32 = (
-            f"{c['eval_loss_fp32_base']:.4f} ({c['fp32_base_vs_ref']:+.4f})"
-            if math.isfinite(c["eval_loss_fp32_base"])
-            else "n/a"
-        )
-        lines.append(
-            f"| {c['task']} | {c['row']} | `{ROWS[c['row']]}` | {c['eval_loss_before']:.4f} -> "
-            f"{c['eval_loss']:.4f} | {c['perplexity']:.2f} | {c['loss_vs_ref']:+.4f} | {fp32} | "
-            f"{c['peak_mib']:.0f} | {c['time_vs_ref']:.2f}x | {c['grad_cosine']:.4f} |"
-        )
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
-    return out / "quality.csv", out / "quality.md"

