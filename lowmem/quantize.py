@@ -25,8 +25,8 @@ Memory arithmetic, Llama-3.2 3B: 3.21e9 weights x 0.625 B = 2.01e9 B = 1.87 GiB 
 
 Numerics: symmetric INT4 maps each group to {-8..7} x absmax/7; the round-trip error is at most
 half a step, absmax/14 per weight (tests hold it to a budget per bit width and group size). NF4
-rounds w / absmax to the nearest codebook value: at most half the widest gap, (1 - 0.7230) / 2
-x absmax = 0.139 x absmax per weight (the gap between the two largest values).
+rounds w / absmax to the nearest codebook value: at most half the widest gap, (1 - 0.6962) / 2
+x absmax = 0.152 x absmax per weight (the gap between -1 and the next value; INT4: 0.071).
 """
 
 from __future__ import annotations
