@@ -139,6 +139,9 @@ def apply_quantize(
     backend: str = "lowmem",
     chunk: int = 0,
     packed: Callable[[str, torch.Tensor], QuantizedWeight] | None = None,
+    codebook: str = "int",
+    vocab_bits: int = 0,
+    chosen: dict[str, QuantizedWeight] | None = None,
 ) -> QuantReport:
     """Quantize every base linear of the decoder layers and the embedding / LM head, in place.
 
@@ -150,6 +153,10 @@ def apply_quantize(
     gives the quantized weight of the parameter `name` (its stock name, without peft's
     `.base_layer`; `w` as the model holds it); the default quantizes `w`. `lowmem.loader`
     passes one that reads and quantizes the weight from its shard, a row block at a time.
+    `codebook` "nf4" stores the 4-bit codes as normal floats (`lowmem.quantize`); `vocab_bits`
+    (0 = `bits`) is the embedding / LM head's bit width (INT at 8 bits, groups of
+    `group_size`); neither applies to a given `packed`. `chosen` {name: weight} overrides the
+    decoder linears it names (codes from `lowmem.gptq` or `lowmem.loftq`).
 
     Comes before `apply_tiled_mlp` and `apply_checkpoint` (as in `lowmem.stack.apply_stack`):
     they hold on to the layers they find, so a model they changed is refused.
@@ -158,10 +165,18 @@ def apply_quantize(
         raise ValueError(f"bad quant_backend={backend!r}: must be one of {BACKENDS}")
     if packed is not None and backend != "lowmem":
         raise ValueError(f"apply_quantize(packed=...) builds lowmem layers, not {backend!r}")
+    table = packed
     if packed is None:
+        table_bits = vocab_bits or bits
 
         def packed(name: str, w: torch.Tensor) -> QuantizedWeight:
-            return quantize(w, bits, group_size, symmetric)
+            return quantize(w, bits, group_size, symmetric, codebook)
+
+        def table(name: str, w: torch.Tensor) -> QuantizedWeight:
+            book = codebook if table_bits == 4 else "int"  # NF4 is a 4-bit code
+            return quantize(w, table_bits, group_size, symmetric, book)
+
+    chosen = chosen or {}
 
     from lowmem.tiled_mlp import is_tiled  # tiled_mlp builds on this module's layers
 
@@ -183,7 +198,8 @@ def apply_quantize(
         if isinstance(module, torch.nn.Linear) and module is not head and ".lora_" not in name:
             if backend == "lowmem":
                 w = module.weight
-                q = QuantLinear(packed(names[id(w)], w), module.bias, chunk)
+                qw = chosen.get(names[id(w)]) or packed(names[id(w)], w)
+                q = QuantLinear(qw, module.bias, chunk)
             else:
                 from lowmem.quantize_bnb import BnbLinear4bit
 
@@ -191,13 +207,13 @@ def apply_quantize(
             parent, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent), child, q)
             replaced.append((module.weight, q))
-    q_emb = QuantEmbedding(packed(names[id(emb.weight)], emb.weight), chunk)
+    q_emb = QuantEmbedding(table(names[id(emb.weight)], emb.weight), chunk)
     base.set_input_embeddings(q_emb)
     replaced.append((emb.weight, q_emb.linear))
     if tied:
         base.set_output_embeddings(q_emb.linear)
     else:
-        q_head = QuantLinear(packed(names[id(head.weight)], head.weight), head.bias, chunk)
+        q_head = QuantLinear(table(names[id(head.weight)], head.weight), head.bias, chunk)
         base.set_output_embeddings(q_head)
         replaced.append((head.weight, q_head))
     n = sum(w.numel() for w, _ in replaced)

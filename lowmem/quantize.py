@@ -9,14 +9,24 @@ Format (defaults from SPEC §2): round-to-nearest, symmetric INT4, one FP32 scal
 consecutive weights along the input dimension, two 4-bit codes packed per byte. Per weight that
 is 4/8 + 32/(8 x 32) = 0.5 + 0.125 = 0.625 bytes instead of 4, the figure Table 1 implies.
 Options: INT8, group size 64/128 or one group per output row (`group_size=0`), asymmetric
-(an FP32 zero point per group as well), and bitsandbytes NF4/FP4 (`lowmem.quantize_bnb`).
+(an FP32 zero point per group as well), bitsandbytes NF4/FP4 (`lowmem.quantize_bnb`), and
+`codebook="nf4"`: the same packed 4-bit codes and FP32 group scale, but a code stands for one of
+the 16 normal-float values of QLoRA (Dettmers et al. 2023, arXiv 2305.14314; `NF4`, the
+quantiles of N(0, 1) scaled to [-1, 1], exact zero included) times the group's absmax, not for
+an evenly spaced level. The codebook is 16 FP32 values (64 B) for the whole model, a constant of
+this module: it is not stored per weight, so NF4 is 0.625 B per weight too. Weights are near
+normal, so levels dense near zero waste fewer codes than INT4's even steps (SmolLM2-135M:
+experiments/quant_options). Which codes a weight gets (round-to-nearest, or error-compensating
+`lowmem.gptq`) does not change the format.
 The layers that store weights this way and dequantize them per matmul are `lowmem.quant_linear`.
 
 Memory arithmetic, Llama-3.2 3B: 3.21e9 weights x 0.625 B = 2.01e9 B = 1.87 GiB instead of
 11.97 GiB.
 
 Numerics: symmetric INT4 maps each group to {-8..7} x absmax/7; the round-trip error is at most
-half a step, absmax/14 per weight (tests hold it to a budget per bit width and group size).
+half a step, absmax/14 per weight (tests hold it to a budget per bit width and group size). NF4
+rounds w / absmax to the nearest codebook value: at most half the widest gap, (1 - 0.6962) / 2
+x absmax = 0.152 x absmax per weight (the gap between -1 and the next value; INT4: 0.071).
 """
 
 from __future__ import annotations
@@ -28,6 +38,15 @@ import torch
 BITS = (4, 8)
 GROUP_SIZES = (0, 32, 64, 128)  # 0 = one group per output row ("per channel")
 BACKENDS = ("lowmem", "bnb-nf4", "bnb-fp4")
+CODEBOOKS = ("int", "nf4")  # what a 4-bit code stands for: an even level, or a normal float
+# QLoRA's NF4 values (bitsandbytes' table; `lowmem.reference.nf4_codebook` derives them)
+NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+NF4_ELEMENTS = 2**18  # codes expanded per index_select: the int32 index is at most 1 MiB
 
 
 @dataclass
@@ -40,6 +59,7 @@ class QuantizedWeight:
     shape: tuple[int, int]
     bits: int
     group_size: int  # resolved: D_in when one group per row
+    codebook: str = "int"  # CODEBOOKS; the NF4 table is a module constant, not stored here
 
     @property
     def nbytes(self) -> int:
@@ -52,12 +72,25 @@ class QuantizedWeight:
             return dequantize(self)
         zeros = None if self.zeros is None else self.zeros[start:stop]
         return _expand(
-            self.codes[start:stop], self.scales[start:stop], zeros, self.bits, self.group_size
+            self.codes[start:stop],
+            self.scales[start:stop],
+            zeros,
+            self.bits,
+            self.group_size,
+            self.codebook,
         )
 
 
-def check_format(shape: tuple[int, ...], bits: int, group_size: int) -> int:
+def check_format(
+    shape: tuple[int, ...], bits: int, group_size: int, codebook: str = "int", symmetric=True
+) -> int:
     """Validate a weight shape + format; return the resolved group size."""
+    if codebook not in CODEBOOKS:
+        raise ValueError(f"bad codebook={codebook!r}: must be one of {CODEBOOKS}")
+    if codebook == "nf4" and (bits != 4 or not symmetric):
+        raise ValueError(
+            f"codebook='nf4' is a symmetric 4-bit code; got bits={bits}, symmetric={symmetric}"
+        )
     if len(shape) != 2:
         raise ValueError(f"can only quantize 2-D weights (D_out x D_in); got shape {tuple(shape)}")
     if bits not in BITS:
@@ -79,13 +112,23 @@ def check_format(shape: tuple[int, ...], bits: int, group_size: int) -> int:
 
 
 def quantize(
-    weight: torch.Tensor, bits: int = 4, group_size: int = 32, symmetric: bool = True
+    weight: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 32,
+    symmetric: bool = True,
+    codebook: str = "int",
 ) -> QuantizedWeight:
     """Round-to-nearest quantization of a 2-D FP weight, per group along D_in."""
-    group = check_format(tuple(weight.shape), bits, group_size)
+    group = check_format(tuple(weight.shape), bits, group_size, codebook, symmetric)
     d_out, d_in = weight.shape
     w = weight.detach().float().reshape(d_out, d_in // group, group)
     levels = 2**bits - 1
+    if codebook == "nf4":
+        scales = w.abs().amax(dim=-1)
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = nf4_codes(w / scales[..., None]).reshape(d_out, d_in)
+        q = q[:, 0::2] | (q[:, 1::2] << 4)
+        return QuantizedWeight(q.contiguous(), scales, None, (d_out, d_in), bits, group, "nf4")
     if symmetric:
         qmax = 2 ** (bits - 1) - 1  # 7: codes -8..7, zero sits at code 8
         scales = w.abs().amax(dim=-1) / qmax
@@ -104,22 +147,49 @@ def quantize(
     return QuantizedWeight(q.contiguous(), scales, zeros, (d_out, d_in), bits, group)
 
 
+def nf4_codes(x: torch.Tensor) -> torch.Tensor:
+    """uint8 index of the NF4 value nearest to each element of x (x in [-1, 1])."""
+    table = torch.tensor(NF4, device=x.device)
+    return torch.bucketize(x, (table[1:] + table[:-1]) / 2).to(torch.uint8)
+
+
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """The whole FP32 weight, D_out x D_in."""
-    return _expand(qw.codes, qw.scales, qw.zeros, qw.bits, qw.group_size)
+    return _expand(qw.codes, qw.scales, qw.zeros, qw.bits, qw.group_size, qw.codebook)
 
 
 def dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor) -> torch.Tensor:
     """FP32 rows `rows` (any shape of indices) of the weight: ... x D_in; nothing else expands."""
     flat = rows.reshape(-1)
     zeros = None if qw.zeros is None else qw.zeros[flat]
-    out = _expand(qw.codes[flat], qw.scales[flat], zeros, qw.bits, qw.group_size)
+    out = _expand(qw.codes[flat], qw.scales[flat], zeros, qw.bits, qw.group_size, qw.codebook)
     return out.reshape(*rows.shape, qw.shape[1])
 
 
-def _expand(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
+def _expand(codes, scales, zeros, bits: int, group: int, codebook: str = "int") -> torch.Tensor:
     with torch.profiler.record_function("lowmem.dequantize"):  # attributes time in profiles
+        if codebook == "nf4":
+            return _expand_nf4(codes, scales, group)
         return _expand_codes(codes, scales, zeros, bits, group)
+
+
+def _expand_nf4(codes, scales, group: int) -> torch.Tensor:
+    """Each packed byte indexes a 256 x 2 table of (low, high) NF4 values, written straight
+    into the FP32 output; the int32 index covers NF4_ELEMENTS codes at a time, so the transient
+    is the output + at most 1 MiB (INT4's nibble temporary: half the codes, 0.5 B each). With
+    2**20 codes a call (4 MiB) Llama-3.2 3B `best` at 1024 tokens peaked 1.5% above INT4."""
+    n_rows, n_bytes = codes.shape
+    table = torch.tensor(NF4, device=codes.device)
+    byte = torch.arange(256, device=codes.device)
+    pairs = torch.stack([table[byte & 0x0F], table[byte >> 4]], dim=1)  # 256 x 2 FP32
+    w = torch.empty(n_rows, n_bytes * 2, dtype=torch.float32, device=codes.device)
+    step = max(1, NF4_ELEMENTS // max(n_bytes, 1))
+    for a in range(0, n_rows, step):
+        idx = codes[a : a + step].reshape(-1).to(torch.int32)
+        torch.index_select(pairs, 0, idx, out=w[a : a + step].view(-1, 2))
+    w = w.view(n_rows, -1, group)
+    w.mul_(scales[..., None])
+    return w.view(n_rows, -1)
 
 
 def _expand_codes(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:

@@ -40,3 +40,57 @@ def lora_linear(
 def trainable_positions(labels: torch.Tensor) -> int:
     """N, the number of positions that contribute to the loss after the shift."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def nf4_codebook() -> torch.Tensor:
+    """QLoRA's 16 NF4 values, derived: 8 positive and 7 negative quantiles of N(0, 1), evenly
+    spaced in probability from 0.5 to 0.9677 (= (1/2)(1/32 + 1 - 1/30), the paper's offset),
+    each side scaled to [0, 1], plus an exact 0 (Dettmers et al. 2023, arXiv 2305.14314)."""
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (values / values.abs().max()).float()
+
+
+def nf4_round_trip(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """W through NF4 and back: each group of `group` weights along D_in divided by its absmax,
+    each value replaced by the nearest codebook value (argmin over all 16), times the absmax."""
+    d_out, d_in = weight.shape
+    w = weight.float().reshape(d_out, d_in // group, group)
+    absmax = w.abs().amax(dim=-1, keepdim=True)
+    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    book = nf4_codebook()
+    nearest = ((w / absmax)[..., None] - book).abs().argmin(dim=-1)
+    return (book[nearest] * absmax).reshape(d_out, d_in)
+
+
+def gptq_round_trip(
+    weight: torch.Tensor, x: torch.Tensor, bits: int, group: int, damp: float = 0.01
+) -> torch.Tensor:
+    """GPTQ (arXiv 2210.17323) in its textbook form, in float64, symmetric INT codes: quantize
+    column i (group scale absmax / (2^(b-1) - 1) taken when its group starts), then move the
+    remaining columns by the optimal-brain-surgeon update -err_i H^-1[i, j] / H^-1[i, i] and
+    remove column i from H^-1 by one Gaussian elimination step. Returns the dequantized W."""
+    w = weight.double().clone()
+    h = x.double().T @ x.double()
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    h_inv = torch.linalg.inv(h)
+    qmax = 2 ** (bits - 1) - 1
+    q = torch.zeros_like(w)
+    for i in range(w.shape[1]):
+        if i % group == 0:
+            scale = w[:, i : i + group].abs().amax(dim=1) / qmax
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q[:, i] = torch.clamp(torch.round(w[:, i] / scale), -qmax - 1, qmax) * scale
+        err = (w[:, i] - q[:, i]) / h_inv[i, i]
+        w[:, i:] -= err[:, None] * h_inv[i, i:][None, :]
+        h_inv = h_inv - h_inv[:, i : i + 1] @ h_inv[i : i + 1, :] / h_inv[i, i]
+    return q.float()
+
+
+def loftq_residual(weight: torch.Tensor, deq: torch.Tensor, r: int) -> torch.Tensor:
+    """The best rank-r approximation of W - deq (an SVD truncation): what s B A should equal
+    after a LoftQ step whose base is `deq`."""
+    u, s, vh = torch.linalg.svd(weight.double() - deq.double())
+    return (u[:, :r] * s[:r] @ vh[:r]).float()

@@ -19,10 +19,11 @@ from typing import ClassVar, NamedTuple
 
 from lowmem.checkpoint import POLICIES
 from lowmem.offload import OFFLOADS
-from lowmem.quantize import BACKENDS, BITS, GROUP_SIZES
+from lowmem.quantize import BACKENDS, BITS, CODEBOOKS, GROUP_SIZES
 from lowmem.softmax_approx import RULES, VARIANTS
 
 GQA_MODES = ("auto", "repeat_kv", "native")
+QUANT_METHODS = ("rtn", "gptq")
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -67,6 +68,19 @@ class QuantSettings:
     """Symmetric (scale only) or asymmetric (scale + FP32 zero point) quantization."""
     backend: str = "lowmem"
     """"lowmem" (the format above) or "bnb-nf4" / "bnb-fp4" (bitsandbytes, decoder linears)."""
+    codebook: str = "int"
+    """What a 4-bit code stands for: "int" (evenly spaced levels, the paper) or "nf4" (QLoRA's
+    16 normal-float values x the group's absmax; same bytes, the table is 16 FP32 constants)."""
+    method: str = "rtn"
+    """How the decoder linears' codes are chosen: "rtn" (round to nearest) or "gptq"
+    (error-compensating, from calibration activations; lowmem.gptq). Same format either way."""
+    calib_tokens: int = 512
+    """Calibration tokens of the training text for method gptq (lowmem.gptq.calibration_ids)."""
+    loftq_iters: int = 0
+    """LoftQ-style adapter init (lowmem.loftq): 0 = off (peft's init, B = 0), n = alternating
+    quantize / SVD steps that make base + adapter approximate the FP32 weight."""
+    vocab_bits: int = 0
+    """Bits of the embedding / LM head table (INT, groups of group_size): 0 = bits, or 4 / 8."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -74,6 +88,32 @@ class QuantSettings:
         allowed = f"one of {GROUP_SIZES} (0 = one group per row)"
         check(self.group_size in GROUP_SIZES, "quant_group_size", self.group_size, allowed)
         _one_of(self, "backend", BACKENDS)
+        _one_of(self, "codebook", CODEBOOKS)
+        _one_of(self, "method", QUANT_METHODS)
+        _positive(self, "calib_tokens")
+        check(self.loftq_iters >= 0, "quant_loftq_iters", self.loftq_iters, ">= 0 (0 = off)")
+        check(self.vocab_bits in (0, *BITS), "quant_vocab_bits", self.vocab_bits, "0, 4 or 8")
+        nf4_ok = self.codebook == "int" or (self.bits == 4 and self.symmetric)
+        check(nf4_ok, "quant_codebook", self.codebook, "int unless bits=4 and symmetric")
+        sym_only = self.symmetric or (self.method == "rtn" and not self.loftq_iters)
+        check(sym_only, "quant_symmetric", self.symmetric, "true with gptq or loftq")
+        lowmem_only = "lowmem with codebook, method, loftq_iters or vocab_bits set"
+        check(self.plain or self.backend == "lowmem", "quant_backend", self.backend, lowmem_only)
+
+    @property
+    def plain(self) -> bool:
+        """Whether this is the paper's round-to-nearest INT format throughout."""
+        return (self.codebook, self.method, self.loftq_iters, self.vocab_bits) == (
+            "int",
+            "rtn",
+            0,
+            0,
+        )
+
+    @property
+    def table_bits(self) -> int:
+        """Bits of the embedding / LM head table."""
+        return self.vocab_bits or self.bits
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,12 @@ from lowmem.quant_linear import apply_quantize
 from lowmem.tiled_mlp import apply_tiled_mlp
 
 
-def apply_stack(model: torch.nn.Module, cfg: Techniques, meter: str = "cpu") -> torch.nn.Module:
+def apply_stack(
+    model: torch.nn.Module,
+    cfg: Techniques,
+    meter: str = "cpu",
+    calibration: torch.Tensor | None = None,
+) -> torch.nn.Module:
     """Turn a freshly built FP32 model into the row `cfg.stack` of the cumulative stack.
 
     With checkpointing, the model owns temporary offload files until
@@ -54,15 +59,40 @@ def apply_stack(model: torch.nn.Module, cfg: Techniques, meter: str = "cpu") -> 
         return model
     model = apply_lora(model, cfg)
     if cfg.enabled("quantize"):
+        q = cfg.quant
         apply_quantize(
             model,
-            cfg.quant.bits,
-            cfg.quant.group_size,
-            cfg.quant.symmetric,
-            cfg.quant.backend,
+            q.bits,
+            q.group_size,
+            q.symmetric,
+            q.backend,
             cfg.kernels.dequant_chunk,
+            codebook=q.codebook,
+            vocab_bits=q.vocab_bits,
+            chosen=chosen_codes(model, q, meter, calibration),
         )
     return apply_after_quantize(model, cfg, meter)
+
+
+def chosen_codes(model, q, meter: str, calibration: torch.Tensor | None) -> dict:
+    """{parameter name: quantized weight} for the linears whose codes are not round-to-nearest:
+    GPTQ's (`lowmem.gptq`), then LoftQ's for the adapted ones (`lowmem.loftq`, which also sets
+    their adapters); `q` is the QuantSettings."""
+    chosen = {}
+    if q.method == "gptq" and meter != "simulated":
+        if calibration is None:
+            raise ValueError(
+                "quant_method='gptq' needs calibration token ids: apply_stack(..., calibration="
+                "lowmem.gptq.calibration_ids(train_split, quant_calib_tokens))"
+            )
+        from lowmem.gptq import calibrate
+
+        chosen.update(calibrate(model, calibration, q.bits, q.group_size, q.codebook))
+    if q.loftq_iters:
+        from lowmem.loftq import apply_loftq
+
+        chosen.update(apply_loftq(model, q.loftq_iters, q.bits, q.group_size, q.codebook))
+    return chosen
 
 
 def apply_lora(model: torch.nn.Module, cfg: Techniques) -> torch.nn.Module:

@@ -51,7 +51,7 @@ class VocabStream(FrozenWeight):
         super().__init__(packed.shape, tensors.pop("bias", None))
         self.store, self.key, self.row_block = store, key, chunk
         self.n_rows, self.d = packed.shape
-        self.fmt = (packed.bits, packed.group_size)
+        self.fmt = (packed.bits, packed.group_size, packed.codebook)
         for k, a in enumerate(range(0, self.n_rows, chunk)):
             store.put(f"{key}{k}", {p: t[a : a + chunk] for p, t in tensors.items()})
 

@@ -138,7 +138,7 @@ class PackedWeight(FrozenWeight):
 
     def __init__(self, qw, bias: torch.Tensor | None = None) -> None:
         super().__init__(qw.shape, bias)
-        self.bits, self.group_size = qw.bits, qw.group_size
+        self.bits, self.group_size, self.codebook = qw.bits, qw.group_size, qw.codebook
         self.register_buffer("codes", qw.codes)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("zeros", qw.zeros)
@@ -148,7 +148,8 @@ class PackedWeight(FrozenWeight):
         from lowmem.quantize import QuantizedWeight
 
         codes, scales, zeros = self.tensors() if tensors is None else tensors
-        return QuantizedWeight(codes, scales, zeros, self.shape, self.bits, self.group_size)
+        fmt = (self.bits, self.group_size, self.codebook)
+        return QuantizedWeight(codes, scales, zeros, self.shape, *fmt)
 
     def rows_from(self, tensors, start: int, stop: int) -> torch.Tensor:
         with clock("dequantize"):
@@ -165,7 +166,8 @@ class PackedWeight(FrozenWeight):
         return self.packed().nbytes
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, bits={self.bits}, group_size={self.group_size}"
+        fmt = f"bits={self.bits}, group_size={self.group_size}"
+        return f"shape={self.shape}, {fmt}" + (", nf4" if self.codebook == "nf4" else "")
 
 
 def frozen_weight(module: torch.nn.Module) -> FrozenWeight:

@@ -244,3 +244,84 @@ def test_chunked_dequantization_equals_the_whole_matrix(chunk):
     y1.backward(g)
     y2.backward(g)
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
+
+
+# NF4 (codebook="nf4"): the same packed codes + FP32 scale, a code stands for a normal float x
+# the group's absmax. Stated error: at most half the widest codebook gap, (1 - 0.6962) / 2 =
+# 0.152 x absmax per weight; relative Frobenius error on N(0, 1) weights, group 32: 0.087
+# (INT4: 0.097).
+NF4_HALF_GAP = 0.152
+
+
+def test_nf4_table_is_the_derived_normal_float_codebook():
+    from lowmem.quantize import NF4
+    from lowmem.reference import nf4_codebook
+
+    assert torch.allclose(torch.tensor(NF4), nf4_codebook(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("group", [32, 64, 0])
+def test_nf4_dequantized_weights_equal_the_reference_within_half_a_gap(group):
+    from lowmem.reference import nf4_round_trip
+
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(group)) * 3
+    q = quantize(w, 4, group, codebook="nf4")
+    deq = dequantize(q)
+    # the table as constants vs derived in float64: equal within 1.2e-7 x absmax
+    assert torch.allclose(deq, nf4_round_trip(w, group or 256), atol=0, rtol=1e-6)
+    absmax = w.abs().reshape(48, -1, group or 256).amax(-1, keepdim=True)
+    err = (deq - w).abs().reshape(48, -1, group or 256)
+    assert (err <= NF4_HALF_GAP * absmax * (1 + 1e-5)).all()
+    assert q.nbytes == w.numel() * 0.5 + q.scales.numel() * 4  # INT4's bytes exactly
+    assert float((deq - w).norm() / w.norm()) < rel_error(w, 4, group, True)  # beats INT4 here
+
+
+def test_nf4_rows_and_lookups_equal_the_whole_matrix(monkeypatch):
+    import lowmem.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "NF4_ELEMENTS", 100)  # several index chunks per call
+    w = torch.randn(40, 64)
+    q = quantize(w, 4, 32, codebook="nf4")
+    whole = dequantize(q)
+    ids = torch.tensor([[3, 39, 0], [7, 7, 21]])
+    assert torch.equal(q.rows(5, 30), whole[5:30])
+    assert torch.equal(dequantize_rows(q, ids), whole[ids])
+    qlin = QuantLinear(q)
+    x = torch.randn(3, 64)
+    assert torch.allclose(qlin(x), x @ whole.T, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"quant_codebook": "nf4", "quant_bits": 8}, "bad quant_codebook='nf4'"),
+        ({"quant_codebook": "nf4", "quant_symmetric": False}, "bad quant_codebook='nf4'"),
+        ({"quant_codebook": "nf8"}, "bad quant_codebook='nf8'"),
+        ({"quant_method": "gptq", "quant_symmetric": False}, "bad quant_symmetric=False"),
+        ({"quant_vocab_bits": 6}, "bad quant_vocab_bits=6"),
+        ({"quant_loftq_iters": -1}, "bad quant_loftq_iters=-1"),
+        ({"quant_backend": "bnb-nf4", "quant_codebook": "nf4"}, "bad quant_backend='bnb-nf4'"),
+    ],
+)
+def test_quant_options_are_refused_where_they_do_not_apply(kwargs, message):
+    from lowmem.config import StackConfig
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        StackConfig.from_flat("quantize", **kwargs)
+
+
+def test_vocabulary_table_at_8_bits_costs_exactly_its_bytes():
+    from lowmem.config import StackConfig
+    from lowmem.models import base_model, build_model
+    from lowmem.stack import apply_stack
+
+    torch.manual_seed(0)
+    cfg = StackConfig.from_flat("quantize", quant_vocab_bits=8, quant_codebook="nf4")
+    model = apply_stack(build_model("tiny-llama"), cfg)
+    base = base_model(model)
+    table = base.get_input_embeddings().linear
+    assert base.get_output_embeddings() is table  # tied: stored once
+    q = table.qweight
+    assert (q.bits, q.codebook, q.nbytes) == (8, "int", q.shape[0] * q.shape[1] * (1 + 4 / 32))
+    q_proj = base.model.layers[0].self_attn.q_proj.base_layer.qweight
+    assert (q_proj.bits, q_proj.codebook) == (4, "nf4")

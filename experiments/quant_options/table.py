@@ -1,0 +1,49 @@
+"""Print the README tables of experiments/quant_options from its records (paste the output)."""
+
+import json
+from pathlib import Path
+
+RAW = Path(__file__).resolve().parents[2] / "results" / "raw"
+err = json.loads((RAW / "quant_options" / "smollm2-135m__quant_error.json").read_text())["metrics"]
+s = err["summary"]
+print("| option | weight rel. error (mean / max) | output error held-out | calib. |")
+print("|---|---|---|---|")
+for opt in (
+    "rtn-int",
+    "gptq-int",
+    "loftq1-int",
+    "loftq5-int",
+    "rtn-nf4",
+    "gptq-nf4",
+    "loftq1-nf4",
+    "loftq5-nf4",
+):
+    cal = s.get(f"{opt}.output_cal")
+    print(
+        f"| {opt} | {s[f'{opt}.weight']['mean']:.4f} / {s[f'{opt}.weight']['max']:.4f} | "
+        f"{s[f'{opt}.output']['mean']:.4f} / {s[f'{opt}.output']['max']:.4f} | "
+        + (f"{cal['mean']:.4f} / {cal['max']:.4f} |" if cal else "- |")
+    )
+print("\n| vocabulary table | weight rel. error | bytes |\n|---|---|---|")
+for k, v in err["vocab"].items():
+    print(f"| {k} | {v['weight']:.4f} | {v['bytes']:,} |")
+print("\n| weights (no training) | held-out loss | vs FP32 |\n|---|---|---|")
+for k, v in err["held_out_loss"].items():
+    print(f"| {k} | {v:.4f} | {v - err['held_out_loss']['fp32']:+.4f} |")
+print("\n| T | best today (B) | best, chosen options (B) | diff | weights read per step |")
+print("|---|---|---|---|---|")
+chosen = "__quant_codebook=nf4__quant_method=gptq__quant_loftq_iters=1__quant_vocab_bits=8"
+for t in (1024, 2048, 4096, 8192, 16384):
+    name = f"llama-3.2-3b__best__T{t}__simulated"
+    today = RAW / "quant_options" / f"{name}.json"
+    today = today if today.exists() else RAW / "table1" / f"{name}.json"
+    new = RAW / "quant_options" / f"{name}{chosen}.json"
+    if not new.exists():
+        print(f"| {t} | not measured | | | |")
+        continue
+    a, b = (json.loads(p.read_text())["metrics"] for p in (today, new))
+    print(
+        f"| {t} | {a['peak_bytes']:,} ({today.parent.name}) | {b['peak_bytes']:,} | "
+        f"{(b['peak_bytes'] / a['peak_bytes'] - 1) * 100:+.2f}% | "
+        f"{a['offload']['weights_bytes_read']:,} -> {b['offload']['weights_bytes_read']:,} |"
+    )

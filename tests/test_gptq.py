@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from lowmem.gptq import calibrate, gptq_quantize, output_error
+from lowmem.quantize import dequantize, quantize
+from lowmem.reference import gptq_round_trip
+
+
+def calibration_inputs(n: int = 512, d: int = 256, seed: int = 0) -> torch.Tensor:
+    """Correlated inputs (as a layer's activations are): the case GPTQ is for."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=gen) * 0.2
+    return torch.randn(n, d, generator=gen) @ mix + torch.randn(n, d, generator=gen) * 0.3
+
+
+def test_gptq_equals_the_textbook_column_by_column_reference():
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(1))
+    x = calibration_inputs()
+    ours = dequantize(gptq_quantize(w, x.T @ x, 4, 32))
+    ref = gptq_round_trip(w, x, 4, 32)
+    assert float((ours - ref).norm() / ref.norm()) < 1e-5  # blocks + Cholesky vs explicit H^-1
+
+
+@pytest.mark.parametrize("codebook", ["int", "nf4"])
+def test_gptq_lowers_the_layer_output_error_against_round_to_nearest(codebook):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    x = calibration_inputs()
+    gptq = gptq_quantize(w, x.T @ x, 4, 32, codebook)
+    rtn = quantize(w, 4, 32, codebook=codebook)
+    assert gptq.nbytes == rtn.nbytes and gptq.codes.shape == rtn.codes.shape  # same format
+    ours, theirs = output_error(w, dequantize(gptq), x), output_error(w, dequantize(rtn), x)
+    assert ours < 0.85 * theirs  # measured: INT 0.078 vs 0.100, NF4 0.070 vs 0.089
+    held_out = calibration_inputs(seed=0)[::2] + 0.01 * calibration_inputs(seed=5)[::2]
+    assert output_error(w, dequantize(gptq), held_out) < output_error(w, dequantize(rtn), held_out)
+
+
+def test_calibrate_quantizes_each_decoder_linear_from_its_own_inputs():
+    from lowmem.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny-llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    seen = {}
+    layer = model.model.layers[1]
+
+    def keep(name):
+        def hook(module, args):
+            seen[name] = args[0].reshape(-1, 64)
+
+        return hook
+
+    hooks = [
+        m.register_forward_pre_hook(keep(n))
+        for n, m in (("q", layer.self_attn.q_proj), ("gate", layer.mlp.gate_proj))
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    out = calibrate(model, ids)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(out) == sorted(f"{n}.weight" for n in linears if n != "lm_head")
+    for short, name in (("q", "self_attn.q_proj"), ("gate", "mlp.gate_proj")):
+        w = layer.get_submodule(name).weight
+        x = seen[short]
+        expected = gptq_quantize(w, x.T @ x)
+        got = out[f"model.layers.1.{name}.weight"]
+        assert torch.equal(got.codes, expected.codes) and torch.equal(got.scales, expected.scales)
+
+
+def test_gptq_in_the_stack_needs_calibration_and_keeps_the_step():
+    from lowmem.config import StackConfig
+    from lowmem.models import build_model
+    from lowmem.stack import apply_stack, benchmark_batch
+
+    cfg = StackConfig.from_flat("quantize", seq_len=32, quant_method="gptq")
+    with pytest.raises(ValueError, match="quant_method='gptq' needs calibration"):
+        apply_stack(build_model("tiny-llama"), cfg)
+    torch.manual_seed(0)
+    model = apply_stack(build_model("tiny-llama"), cfg, calibration=torch.randint(0, 256, (2, 32)))
+    loss = model(**benchmark_batch(cfg, model.config.vocab_size)).loss
+    loss.backward()
+    assert torch.isfinite(loss)
