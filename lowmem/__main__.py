@@ -195,7 +195,7 @@ def _train(args: argparse.Namespace) -> int:
     task = load_task(args.task, tokenizer, args.seq_len, limit=args.limit, seed=args.seed)
     train_ds, eval_ds = (task.train, task.test) if hasattr(task, "train") else task
     device = "cuda" if args.meter == "cuda" else "cpu"
-    with training_model(args.model, cfg.stack, init, device, args.model_path) as model:
+    with training_model(args.model, cfg.stack, init, device, args.model_path, train_ds) as model:
         summary = train(model, cfg, train_ds, eval_ds, args.out, args.resume, args.meter, tags)
     print(json.dumps(summary, indent=2))
     return 0

@@ -89,7 +89,10 @@ def plan(profile: str = "best", **settings) -> Techniques:
 
 
 def prepare(
-    model: PreTrainedModel | str | os.PathLike, profile: str = "best", **settings
+    model: PreTrainedModel | str | os.PathLike,
+    profile: str = "best",
+    calibration: torch.Tensor | None = None,
+    **settings,
 ) -> torch.nn.Module:
     """`model` (a Hugging Face causal LM of a supported family, or its local directory) under
     `profile` (one of lowmem.config.ROWS), ready for a stock training loop.
@@ -97,6 +100,8 @@ def prepare(
     `settings` override the profile's technique settings (`lowmem.api.SETTINGS`, e.g.
     lora_r=8, offload="memory", offload_dir="/scratch"). Returns the peft model (the bare
     model for `baseline`), changed in place; its resolved configuration is `.lowmem_config`.
+    `calibration`: B x T token ids of training text, which `quant_method="gptq"` needs
+    (`lowmem.gptq.calibration_ids(train_dataset, n_tokens)` takes them from a dataset).
     A directory under a profile that quantizes with the lowmem backend is loaded a tensor at a
     time, never whole in FP32 (`lowmem.loader`).
     """
@@ -113,7 +118,8 @@ def prepare(
             "causal LM (a PreTrainedModel, not yet wrapped by peft) or its local directory"
         )
     device = next(model.parameters()).device
-    return _take_over(apply_stack(model, cfg, "cuda" if device.type == "cuda" else "cpu"), cfg)
+    meter = "cuda" if device.type == "cuda" else "cpu"
+    return _take_over(apply_stack(model, cfg, meter, calibration), cfg)
 
 
 def _take_over(prepared: torch.nn.Module, cfg: Techniques) -> torch.nn.Module:

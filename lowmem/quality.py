@@ -11,6 +11,10 @@ how the loss is computed:
     -> + softmax approximation, each rule at K = 100 and 1000 -> + logits masking (with the
     top-1000 approximation, as in the paper) -> best (exact loss)
 
+and issue 15's quantization options, each on the INT4 row (NF4 codebook, GPTQ calibrated on
+the first 512 training tokens, LoftQ-style adapter init, 8-bit embedding / LM head), then
+`best_chosen`: best with NF4 + GPTQ + one LoftQ step + the 8-bit table.
+
 Two tasks: ShareGPT conversations, assistant tokens trainable (instruction tuning), and
 Shakespeare blocks (domain adaptation; whole plays held out). Each run reports the held-out
 exact loss before and after training (response tokens only for chat; evaluation never
@@ -66,12 +70,19 @@ ROWS = {  # row -> stack spec; cumulative like Table 1
     "sm_neighbors_1000": "softmax_approx:softmax_rule=target_neighbors,softmax_k=1000",
     "logits_mask": "logits_mask",
     "best": "best",
+    # issue 15's options, each on the INT4 row, then best with the chosen ones
+    "nf4": "quantize:quant_codebook=nf4",
+    "gptq": "quantize:quant_method=gptq",
+    "loftq": "quantize:quant_loftq_iters=5",
+    "vocab8": "quantize:quant_vocab_bits=8",
+    "best_chosen": "best:quant_codebook=nf4,quant_method=gptq,quant_loftq_iters=1,"
+    "quant_vocab_bits=8",
 }
 REFERENCE = "lora"
 # the order rows run in: the paper's rows and best first, the K / rule variants last
-PRIORITY = ("lora", "int4", "checkpoint", "sm_topk_1000", "logits_mask", "best") + tuple(
-    r for r in ROWS if r.startswith("sm_") and r != "sm_topk_1000"
-)
+PRIORITY = ("lora", "int4", "best", "best_chosen", "nf4", "gptq", "loftq", "vocab8")
+PRIORITY += ("checkpoint", "sm_topk_1000", "logits_mask")
+PRIORITY += tuple(r for r in ROWS if r.startswith("sm_") and r != "sm_topk_1000")
 
 
 @dataclass(frozen=True)
@@ -128,7 +139,9 @@ def run_row(
     copied, never changed)."""
     cfg = row_config(row, protocol, seed)
     with tempfile.TemporaryDirectory(prefix="lowmem-quality-") as out:
-        with training_model(protocol.model, cfg.stack, init="pretrained") as model:
+        with training_model(
+            protocol.model, cfg.stack, init="pretrained", train_ds=task.train
+        ) as model:
             summary = train(model, cfg, task.train, task.test, out, progress=progress)
             heldout = heldout_metrics(
                 model,

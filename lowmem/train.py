@@ -45,6 +45,7 @@ from transformers import get_scheduler
 
 from lowmem.checkpoint import checkpointing_of
 from lowmem.config import StackConfig, parse_spec
+from lowmem.gptq import calibration_ids
 from lowmem.loader import load_quantized, loads_by_tensor
 from lowmem.meter import StepMeter
 from lowmem.models import build_model
@@ -185,16 +186,23 @@ def training_model(
     init: str = "random",
     device: str | torch.device = "cpu",
     model_path: str | None = None,
+    train_ds: Dataset | None = None,
 ) -> Iterator[torch.nn.Module]:
     """A registered model under a stack row (seeded by stack.seed); offload files go at exit.
     A directory under a row that quantizes with the lowmem backend loads a tensor at a time.
-    The process's RSS before and while it loads goes with the model (`train` reports it)."""
+    The process's RSS before and while it loads goes with the model (`train` reports it).
+    `train_ds`: the training split, whose first `quant_calib_tokens` tokens calibrate
+    `quant_method="gptq"` (lowmem.gptq)."""
     torch.manual_seed(stack.seed)
+    calibration = None
+    if stack.enabled("quantize") and stack.quant.method == "gptq" and train_ds is not None:
+        calibration = calibration_ids(train_ds, stack.quant.calib_tokens).to(device)
     with loading() as rss:
         if loads_by_tensor(stack, model_path):  # never the FP32 model (lowmem.loader)
             model = load_quantized(model_path, stack, device=device)
         else:
-            model = apply_stack(build_model(name, init, device, model_path), stack)
+            model = build_model(name, init, device, model_path)
+            model = apply_stack(model, stack, calibration=calibration)
         settle(model)  # streamed weights written: part of setup, not of the first step
     model.lowmem_process = rss
     try:

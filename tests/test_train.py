@@ -10,6 +10,7 @@ from peft import PeftModel
 
 from lowmem import assets, resume
 from lowmem.__main__ import main
+from lowmem.config import StackConfig
 from lowmem.loss import compute_loss
 from lowmem.meter import measure_step
 from lowmem.models import build_model
@@ -404,3 +405,19 @@ def test_a_full_offload_disk_ends_train_in_one_line_and_leaves_no_run(
     assert len(err) == 1 and err[0].startswith("error: not enough space in ")
     assert not (tmp_path / "run").exists()  # the corrected rerun is not refused
     assert list((tmp_path / "offload").iterdir()) == []
+
+
+def test_gptq_rows_are_calibrated_on_the_training_split():
+    """training_model hands the first quant_calib_tokens of train_ds to GPTQ; without a
+    training split it cannot calibrate and says so."""
+    stack = StackConfig.from_flat("quantize", quant_method="gptq", quant_calib_tokens=16)
+    ids = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(0))
+    ds = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    with training_model("tiny-llama", stack, train_ds=ds) as model:
+        gptq = model.get_base_model().model.layers[0].mlp.down_proj.qweight.codes
+    with training_model("tiny-llama", stack.with_settings(quant_method="rtn")) as model:
+        rtn = model.get_base_model().model.layers[0].mlp.down_proj.qweight.codes
+    assert not torch.equal(gptq, rtn)  # calibrated codes differ
+    with pytest.raises(ValueError, match="calibration"):
+        with training_model("tiny-llama", stack):
+            pass
