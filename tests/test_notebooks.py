@@ -32,6 +32,8 @@ PARAMETER_NAMES = set(flat_fields(StackConfig)) | {
 }
 # parameters that keep a notebook's test run small where its defaults are paper-scale
 TEST_PARAMETERS = {"08_budget": {"model": "tiny-llama", "seq_len": 64, "contexts": "64,128"}}
+# notebooks that only read committed records (and say so when there are none)
+READERS = ("09_quality",)
 
 
 def _parameters_cell(path: Path) -> dict:
@@ -73,6 +75,9 @@ def test_notebook_runs_under_papermill_and_writes_ok_records(path, tmp_path, res
         kernel_name="python3",
     )
     records = list((results_tmp / "raw" / "nbtest").glob("*.json"))
+    if path.stem in READERS:
+        assert not records
+        return
     assert records
     statuses = {json.loads(p.read_text())["status"] for p in records}
     assert statuses <= {"ok", "oom"} and "ok" in statuses
