@@ -17,9 +17,10 @@ What a task asks for, so that Ray never starts two cells that cannot fit togethe
     cpu cells    memory = process baseline + max(setup, step peak)
 
 The step peak is the configuration's simulated record (`planner.step_record`: measured once,
-then read from results/raw/planner/), the setup term the planner's (`planner.setup_peak`: the
-model built in FP32 plus its quantized copy plus two FP32 temporaries of the embedding; for a
-row without quantization it overestimates by the copy), the baseline a fresh interpreter's
+then read from results/raw/planner/), the setup term the planner's for a quantized row
+(`planner.setup_peak`: the model built in FP32, its quantized copy, two FP32 temporaries of
+the embedding) and 0 for a row without quantization (the FP32 weights it builds are the ones
+its step holds, so the step peak covers them), the baseline a fresh interpreter's
 RSS (`planner.process_baseline`, measured once per driver). Llama-3.2 3B `best` at 2048
 tokens on the cpu meter: 0.47 GiB baseline + max(16.77 GiB setup, 0.35 GiB step) = 17.24 GiB,
 so a 24 GiB, 2-CPU node (Ray offers 23.2 GiB of `memory` there) runs one such cell at a time,
@@ -88,7 +89,8 @@ def cell_resources(model: str, cfg: StackConfig, meter: str, baseline: int | Non
         from lowmem import planner  # here: the planner imports the model code
 
         m = planner.step_record(model, cfg)["metrics"]
-        setup = planner.setup_peak(model, cfg, m, from_dir=False)
+        # without quantization, the FP32 weights built are those the step holds: in its peak
+        setup = planner.setup_peak(model, cfg, m, from_dir=False) if cfg.enabled("quantize") else 0
         base = _baseline() if baseline is None else baseline
         need["memory"] = base + max(setup, m["peak_bytes"])
     return need
@@ -147,7 +149,8 @@ def run_cells_ray(
 ) -> dict:
     """`grid.run_cells` on Ray (call that, which holds the experiment's lock): submit every
     cell not recorded yet with its resources, write each record as it comes back. `runner`
-    is what a task calls (tests swap in one that crashes)."""
+    is what a task calls (tests swap in one that crashes). A Ray instance this process has
+    joined already (`ray.init`) is used as it is, and left running."""
     if cell not in CELLS:
         raise ValueError(f"bad cell={cell!r}: must be one of {', '.join(CELLS)}")
     check_address(address)
@@ -155,8 +158,8 @@ def run_cells_ray(
 
     started_here = not ray.is_initialized()
     if started_here:  # "local" always starts a new instance, never joins a stray one
-        kwargs = {"address": "local", "include_dashboard": False} if address is None else {}
-        ray.init(address=address, log_to_driver=False, **kwargs)
+        local = {"address": "local", "include_dashboard": False}
+        ray.init(log_to_driver=False, **(local if address is None else {"address": address}))
     try:
         return _drive(ray, experiment, cells, cell, force, desc, runner)
     finally:

@@ -183,7 +183,13 @@ def test_resources_come_from_the_simulated_prediction(results_tmp):
     m = record["metrics"]
     assert record["meter"] == "simulated" and 0 < m["peak_bytes"]
     setup = planner.setup_peak("tiny-llama", cfg, m, from_dir=False)
-    assert need == {"num_cpus": 1, "memory": 10**9 + max(setup, m["peak_bytes"])}
+    assert setup > m["peak_bytes"]  # a tiny model: building it in FP32 is the larger term
+    assert need == {"num_cpus": 1, "memory": 10**9 + setup}
+    lora = StackConfig(stack="lora", seq_len=16)  # no quantization: the step holds the weights
+    need = ray_executor.cell_resources("tiny-llama", lora, "cpu", baseline=10**9)
+    peak = planner.step_record("tiny-llama", lora)["metrics"]["peak_bytes"]  # read, cached
+    assert len(results.load_records("planner")) == 2
+    assert need == {"num_cpus": 1, "memory": 10**9 + peak}
 
 
 def test_a_cell_that_fits_on_no_node_becomes_a_failed_record(ray_address, results_tmp, monkeypatch):
@@ -220,3 +226,20 @@ def test_bad_executor_or_address_is_refused_in_one_line_before_anything_runs(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and message in err, err
     assert not (results_tmp / "raw").exists()  # nothing half-written
+
+
+@pytest.mark.slow  # ~60 s: four notebook runs one after another, then a fresh interpreter
+def test_the_command_starts_its_own_instance_and_matches_sequential_papermill(
+    folder, tmp_path, monkeypatch, sequential
+):
+    """`python -m lowmem grid --executor ray` with no address (a local instance of its own)
+    and the sequential papermill grid write the in-process executor's records."""
+    monkeypatch.setenv("LOWMEM_RESULTS", str(tmp_path / "papermill"))
+    assert grid.run_grid(folder) == {"ran": 4, "skipped": 0, "failed": 0}
+    assert _records(tmp_path / "papermill") == sequential
+    env = {**os.environ, "LOWMEM_RESULTS": str(tmp_path / "ray")}
+    command = [sys.executable, "-m", "lowmem", "grid", str(folder), "--executor", "ray"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "4 ran, 0 skipped, 0 failed" in done.stderr
+    assert _records(tmp_path / "ray") == sequential
