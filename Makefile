@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 METER ?= simulated
 EXP ?= table1
+# make grid EXECUTOR=ray: each cell a Ray task on a local instance (lowmem.ray_executor)
+EXECUTOR ?= papermill
 GRIDS := $(notdir $(patsubst %/grid.yaml,%,$(wildcard experiments/*/grid.yaml)))
 
 .PHONY: setup assets reproduce experiments grid quality tables gpu-check test test-slow lint format clean clean-offload
@@ -32,8 +34,8 @@ reproduce: $(STAMP)  ## main job: Table 1 grid (papermill, skips recorded cells)
 experiments: $(STAMP)  ## re-measure every committed record, table and figure (see run_all.sh)
 	bash experiments/run_all.sh
 
-grid: $(STAMP)  ## papermill grid, one notebook run per cell: make grid EXP=softmax_k
-	$(OFFLINE) $(PY) -m lowmem grid experiments/$(EXP) $(if $(FORCE),--force)
+grid: $(STAMP)  ## papermill grid, one notebook run per cell: make grid EXP=softmax_k [EXECUTOR=ray]
+	$(OFFLINE) $(PY) -m lowmem grid experiments/$(EXP) --executor $(EXECUTOR) $(if $(FORCE),--force)
 	$(PY) -m lowmem table $(EXP)
 
 quality: $(STAMP) assets  ## the quality protocol: SmolLM2-135M, 200 steps x 3 seeds x 2 tasks per row; resumes (hours)

@@ -98,7 +98,7 @@ def _speed(args: argparse.Namespace) -> int:
 def _grid(args: argparse.Namespace) -> int:
     from lowmem.grid import run_grid
 
-    counts = run_grid(args.folder, force=args.force, meter=args.meter)
+    counts = run_grid(args.folder, args.force, args.meter, args.executor, args.address)
     print(", ".join(f"{n} {k}" for k, n in counts.items()), file=sys.stderr)
     return 0
 

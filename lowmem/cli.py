@@ -107,6 +107,19 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("folder", help="experiment folder holding grid.yaml, e.g. experiments/table1")
     g.add_argument("--force", action="store_true", help="re-run cells already recorded")
     g.add_argument("--meter", choices=METERS, help="measure every cell on this meter instead")
+    g.add_argument(
+        "--executor",
+        choices=("papermill", "in-process", "ray"),
+        default="papermill",
+        help="papermill: one notebook run per cell, one after another (default); in-process: "
+        "lowmem.bench.run_cell in this process; ray: each cell a Ray task (a notebook run) "
+        "with the CPUs, GPU and predicted memory it needs (lowmem.ray_executor)",
+    )
+    g.add_argument(
+        "--address",
+        help="with --executor ray: HOST:PORT of a running cluster (`ray start --head`), "
+        "ray://HOST:PORT or auto; default: start a local instance on this machine",
+    )
 
     r = sub.add_parser(
         "table",

@@ -10,14 +10,22 @@ the wrong type (a quoted "false") is refused in one line that names the file. Va
 the notebook as YAML gave them, never coerced. Cells whose record exists are skipped unless
 forced; a cell that crashes the notebook becomes a `failed` record with the error, and the
 grid carries on. `run_cells` is the one cell runner: it skips recorded cells and runs the rest
-through papermill (the grids, `make reproduce`) or in process (`python -m lowmem table1`,
-`make gpu-check`).
+through papermill (the grids, `make reproduce`), in process (`python -m lowmem table1`,
+`make gpu-check`), or as Ray tasks on a local instance or a cluster (`lowmem.ray_executor`,
+`--executor ray`). One driver at a time writes an experiment's records: `run_cells` holds an
+exclusive `flock` on results/raw/<experiment>/ while it runs (the kernel drops it when the
+driver exits or is killed), and a second driver is refused in one line, so no record is
+written twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import itertools
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -156,17 +164,24 @@ def _read_yaml(path: Path) -> object:
         ) from None
 
 
-def run_grid(folder: str | Path, force: bool = False, meter: str | None = None) -> dict:
-    """Execute the run notebook for each cell of the folder's grid not recorded yet."""
+def run_grid(
+    folder: str | Path,
+    force: bool = False,
+    meter: str | None = None,
+    executor: str = "papermill",
+    address: str | None = None,
+) -> dict:
+    """Run each cell of the folder's grid not recorded yet through `executor` (`run_cells`)."""
+    _check_executor(executor, address)
     cells = load_grid(folder, meter)
     if not cells:
         return {"ran": 0, "skipped": 0, "failed": 0}
     experiment = cells[0]["experiment"]
     todo = [(c["model"], config_from_parameters(c), c["meter"]) for c in cells]
-    return run_cells(experiment, todo, "papermill", force, desc=Path(folder).name)
+    return run_cells(experiment, todo, executor, force, Path(folder).name, address)
 
 
-EXECUTORS = ("papermill", "in-process")
+EXECUTORS = ("papermill", "in-process", "ray")
 
 
 def run_cells(
@@ -175,25 +190,63 @@ def run_cells(
     executor: str = "papermill",
     force: bool = False,
     desc: str | None = None,
+    address: str | None = None,
+    cell: str = "papermill",
 ) -> dict:
     """Measure each (model, config, meter) cell not recorded yet, one record per cell, through
     `executor`: "papermill" (one run of notebooks/run_cell.ipynb per cell, as `make
-    reproduce` does) or "in-process" (`lowmem.bench.run_cell`, faster); the same records.
-    Returns how many ran, were skipped (recorded already) and failed."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"bad executor={executor!r}: must be one of {', '.join(EXECUTORS)}")
+    reproduce` does), "in-process" (`lowmem.bench.run_cell`, faster), or "ray" (each cell a
+    Ray task running `cell`, "papermill" or "in-process", on a local instance or the cluster
+    at `address`: `lowmem.ray_executor`); the same records. Returns how many ran, were
+    skipped (recorded already) and failed."""
+    _check_executor(executor, address)
     results.check_slug("experiment", experiment)
+    if executor == "ray":
+        from lowmem import ray_executor  # here: ray is imported only when asked for
+
+        ray_executor.check_address(address)  # before the lock: nothing half-done
+        with grid_lock(experiment):
+            return ray_executor.run_cells_ray(experiment, cells, cell, force, desc, address)
     run = _papermill if executor == "papermill" else _in_process
     counts = {"ran": 0, "skipped": 0, "failed": 0}
-    bar = tqdm(cells, desc=desc or experiment, unit="cell")
-    for model, cfg, meter in bar:
-        rid = results.run_id(model, cfg, meter)
-        bar.set_postfix_str(rid)
-        if results.record_path(experiment, rid).exists() and not force:
-            counts["skipped"] += 1
-            continue
-        counts["ran" if run(experiment, model, cfg, meter, force) else "failed"] += 1
+    with grid_lock(experiment):
+        bar = tqdm(cells, desc=desc or experiment, unit="cell")
+        for model, cfg, meter in bar:
+            rid = results.run_id(model, cfg, meter)
+            bar.set_postfix_str(rid)
+            if results.record_path(experiment, rid).exists() and not force:
+                counts["skipped"] += 1
+                continue
+            counts["ran" if run(experiment, model, cfg, meter, force) else "failed"] += 1
     return counts
+
+
+def _check_executor(executor: str, address: str | None) -> None:
+    if executor not in EXECUTORS:
+        raise ValueError(f"bad executor={executor!r}: must be one of {', '.join(EXECUTORS)}")
+    if address is not None and executor != "ray":
+        raise ValueError(f"address={address!r} is for the ray executor, not {executor!r}")
+
+
+@contextlib.contextmanager
+def grid_lock(experiment: str) -> Iterator[Path]:
+    """Hold an exclusive flock on results/raw/<experiment>/ (created if missing); a second
+    holder, in this process or another, is refused at once. No lock file is left behind, and a
+    killed driver's lock goes with its process."""
+    folder = results.record_path(experiment, "lock").parent
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)  # close-on-exec: kernels and Ray workers do not inherit it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another grid driver is writing {folder} (it holds the folder's lock); "
+                "wait for it to finish: a rerun skips the cells it recorded"
+            ) from None
+        yield folder
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock
 
 
 def _in_process(experiment: str, model: str, cfg: StackConfig, meter: str, force: bool) -> bool:
@@ -205,7 +258,7 @@ def _in_process(experiment: str, model: str, cfg: StackConfig, meter: str, force
 
 
 def _papermill(experiment: str, model: str, cfg: StackConfig, meter: str, force: bool) -> bool:
-    import papermill  # here: the in-process executor (and a GPU machine) runs without jupyter
+    import papermill  # here: in-process and Ray grids (and a bare GPU machine) need no Jupyter
 
     params = {**cfg.to_dict(), "model": model, "meter": meter, "experiment": experiment}
     params["lora_targets"] = ",".join(cfg.lora.targets)

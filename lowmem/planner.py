@@ -246,20 +246,7 @@ class _Evaluator:
     def __call__(self, cfg: StackConfig) -> Candidate:
         if cfg not in self.seen:
             m = step_record(self.model, cfg, self.experiment)["metrics"]
-            c = load_config(self.model)
-            if self.from_dir:  # a converted directory, a tensor at a time (lowmem.loader)
-                q = cfg.quant
-                packed = (
-                    c.vocab_size
-                    * c.hidden_size
-                    * (q.bits / 8 + 4 / (q.group_size or c.hidden_size))
-                )
-                setup = int(packed) + 4 * BLOCK_BYTES
-                setup += 0 if cfg.checkpoint.stream_weights else m["stored_weight_bytes"]
-            else:  # built in FP32, then quantized; quantizing the largest tensor (the
-                # embedding) whole holds two FP32 temporaries of it (w / scale, its rounding)
-                setup = 4 * m["parameters"] + m["stored_weight_bytes"]
-                setup += 2 * 4 * c.vocab_size * c.hidden_size
+            setup = setup_peak(self.model, cfg, m, self.from_dir)
             top = (m.get("peak_tensors") or [{}])[0]
             where = f"{m.get('peak_phase')} {m.get('peak_op')}, largest {top.get('shape')}"
             self.seen[cfg] = Candidate(
@@ -273,6 +260,21 @@ class _Evaluator:
                 where,
             )
         return self.seen[cfg]
+
+
+def setup_peak(model: str, cfg: StackConfig, metrics: dict, from_dir: bool) -> int:
+    """Bytes held while `model` is loaded under `cfg` (the module docstring's setup term),
+    from the configuration's simulated `metrics` (`step_record`)."""
+    c = load_config(model)
+    if from_dir:  # a converted directory, a tensor at a time (lowmem.loader)
+        q = cfg.quant
+        packed = c.vocab_size * c.hidden_size * (q.bits / 8 + 4 / (q.group_size or c.hidden_size))
+        setup = int(packed) + 4 * BLOCK_BYTES
+        return setup + (0 if cfg.checkpoint.stream_weights else metrics["stored_weight_bytes"])
+    # built in FP32, then quantized; quantizing the largest tensor (the embedding) whole holds
+    # two FP32 temporaries of it (w / scale, its rounding)
+    setup = 4 * metrics["parameters"] + metrics["stored_weight_bytes"]
+    return setup + 2 * 4 * c.vocab_size * c.hidden_size
 
 
 def step_record(model: str, cfg: StackConfig, experiment: str = "planner") -> dict:

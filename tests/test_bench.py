@@ -50,8 +50,8 @@ def test_grid_skips_recorded_cells_unless_forced(results_tmp):
     assert run_cells("g", cells, "in-process") == {"ran": 0, "skipped": 2, "failed": 0}
     assert run_cells("g", cells[:1], "in-process", force=True)["ran"] == 1
     assert len(results.load_records("g")) == 2
-    with pytest.raises(ValueError, match="bad executor='ray': must be one of papermill, in"):
-        run_cells("g", cells, "ray")
+    with pytest.raises(ValueError, match="bad executor='dask': must be one of papermill, in"):
+        run_cells("g", cells, "dask")
 
 
 @pytest.mark.slow  # ~90 s; the default tier checks the committed records (test_results.py)

@@ -74,7 +74,7 @@ def test_a_misspelt_top_level_key_is_refused_not_run_as_a_default_cell(tmp_path,
     def run(*args, **kwargs):
         raise AssertionError("a cell ran")
 
-    monkeypatch.setattr(grid.papermill, "execute_notebook", run)
+    monkeypatch.setattr(papermill, "execute_notebook", run)
     folder = _grid(tmp_path, text)
     key = text.partition(":")[0]
     assert "allowed: axes, overrides" in _refused(folder, f"unknown top-level key {key!r}")
@@ -197,7 +197,7 @@ def test_a_crashing_cell_becomes_a_failed_record(tmp_path, results_tmp, monkeypa
     def crash(*args, **kwargs):
         raise papermill.PapermillExecutionError(0, 1, "boom", "RuntimeError", "kernel died", [])
 
-    monkeypatch.setattr(grid.papermill, "execute_notebook", crash)
+    monkeypatch.setattr(papermill, "execute_notebook", crash)
     folder = _grid(tmp_path, "overrides:\n  model: tiny-llama\n  seq_len: 16\n")
     assert grid.run_grid(folder) == {"ran": 0, "skipped": 0, "failed": 1}
     (record,) = [json.loads(p.read_text()) for p in (results_tmp / "raw" / "mygrid").glob("*")]
