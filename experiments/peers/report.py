@@ -20,6 +20,7 @@ from lowmem.files import new_file  # noqa: E402
 from lowmem.peers import PEERS  # noqa: E402
 
 EXPERIMENT = "peers"
+MODEL = "llama-3.2-3b"  # the figure's model
 LABELS = {"best": "lowmem best (exact loss)", **PEERS}
 ORDER = list(LABELS)
 
@@ -88,7 +89,7 @@ def speed_frame(records: list[dict]) -> pd.DataFrame:
 
 def markdown(mem: pd.DataFrame, speed: pd.DataFrame) -> str:
     lines = ["# Peers: what users would pick instead, measured beside `best`", ""]
-    for (model, meter), cells in mem.groupby(["model", "meter"]):
+    for (model, meter), cells in mem.groupby(["model", "meter"], sort=False):
         contexts = sorted(cells["seq_len"].unique())
         lines += [
             f"## Peak memory of one step, {model}, `{meter}` meter (GiB; x = peer / best)",
@@ -112,6 +113,7 @@ def markdown(mem: pd.DataFrame, speed: pd.DataFrame) -> str:
             cells_t1 = [f"{committed[t]:.2f}" if t in committed else "" for t in contexts]
             lines.append("| best, Table 1's record | " + " | ".join(cells_t1) + " |")
         lines.append("")
+    lines += meter_check(mem)
     if not speed.empty:
         lines += [
             "## Step time, SmolLM2-135M, real CPU, one thread (s; rows interleaved, order "
@@ -120,7 +122,9 @@ def markdown(mem: pd.DataFrame, speed: pd.DataFrame) -> str:
             "| Row | T | repeats | min | median | min / best | median / best |",
             "|---|---|---|---|---|---|---|",
         ]
-        for _, s in speed.sort_values(["seq_len"]).iterrows():
+        rank = {row: i for i, row in enumerate(["lora", *ORDER])}
+        speed = speed.assign(rank=speed["row"].map(rank)).sort_values(["seq_len", "rank"])
+        for _, s in speed.iterrows():
             lines.append(
                 f"| {s.label} | {s.seq_len} | {s.repeats} | {s.min_s:.2f} | {s.median_s:.2f} "
                 f"| {s.min_vs_best:.2f} | {s.median_vs_best:.2f} |"
@@ -138,13 +142,45 @@ def markdown(mem: pd.DataFrame, speed: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def meter_check(mem: pd.DataFrame) -> list[str]:
+    """Cells measured under both meters: the simulated peak beside the cpu meter's (real
+    bitsandbytes for the peers), in bytes."""
+    both = mem.pivot_table(
+        index=["model", "row", "seq_len"], columns="meter", values="peak_bytes", aggfunc="first"
+    )
+    if not {"cpu", "simulated"} <= set(both.columns):
+        return []
+    both = both.dropna(subset=["cpu", "simulated"])
+    lines = [
+        "## The meters agree: simulated (NF4 stand-in) vs cpu (real bitsandbytes), bytes",
+        "",
+        "| Model | Row | T | simulated | cpu | equal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (model, row, t), c in both.iterrows():
+        same = "yes" if c.simulated == c.cpu else "no"
+        lines.append(
+            f"| {model} | {LABELS[row]} | {t} | {c.simulated:.0f} | {c.cpu:.0f} | {same} |"
+        )
+    return lines + [""]
+
+
 def figure(mem: pd.DataFrame, speed: pd.DataFrame, path) -> None:
-    sim = mem[(mem["meter"] == "simulated") & (mem["status"] == "ok")]
+    sim = mem[(mem["meter"] == "simulated") & (mem["status"] == "ok") & (mem["model"] == MODEL)]
     panels = 3 if not speed.empty else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
     hue_order = [LABELS[r] for r in ORDER if r in set(sim["row"])]
+    colors = dict(zip(LABELS.values(), sns.color_palette(), strict=False))
+    colors["lowmem + LoRA (FP32)"] = "0.6"  # one colour per row in every panel
     sns.lineplot(
-        sim, x="seq_len", y="peak_gib", hue="label", hue_order=hue_order, marker="o", ax=axes[0]
+        sim,
+        x="seq_len",
+        y="peak_gib",
+        hue="label",
+        hue_order=hue_order,
+        marker="o",
+        ax=axes[0],
+        palette=colors,
     )
     axes[0].set(
         xscale="log",
@@ -163,7 +199,7 @@ def figure(mem: pd.DataFrame, speed: pd.DataFrame, path) -> None:
         hue_order=hue_order[1:],
         marker="o",
         ax=axes[1],
-        palette=sns.color_palette()[1 : len(hue_order)],
+        palette=colors,
     )
     axes[1].set(
         xscale="log",
@@ -174,7 +210,11 @@ def figure(mem: pd.DataFrame, speed: pd.DataFrame, path) -> None:
     axes[1].set_xticks(list(paper.CONTEXTS), [str(t) for t in paper.CONTEXTS])
     axes[1].set_ylim(bottom=0)
     if not speed.empty:
-        sns.barplot(speed, x="seq_len", y="median_s", hue="label", ax=axes[2])
+        order = [r for r in ["lora", *ORDER] if r in set(speed["row"])]
+        hue = [speed.loc[speed["row"] == r, "label"].iloc[0] for r in order]
+        sns.barplot(
+            speed, x="seq_len", y="median_s", hue="label", hue_order=hue, ax=axes[2], palette=colors
+        )
         axes[2].set(
             xlabel="context (tokens)",
             ylabel="median step s (one CPU thread)",
