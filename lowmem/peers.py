@@ -264,7 +264,10 @@ def _known_valids(cfg: PeerConfig):
     # indices into the shifted targets that `_build_flat_valids` computes
     def known(targets: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tensor:
         if not shift or targets.shape[0] != 1:
-            raise NotImplementedError("known valids: batch 1 with shift=True only")
+            raise ValueError(
+                f"bad CCE call under the meters: batch {targets.shape[0]}, shift={shift}; the "
+                "known trainable positions cover the benchmark batch only (batch 1, shift=True)"
+            )
         n = targets.shape[1]  # T, before the shift; as stack.benchmark_batch masks them
         first = n - math.ceil(cfg.trainable_fraction * n) - 1
         # int64: the original sums int32 columns, which promotes
