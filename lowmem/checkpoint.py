@@ -25,6 +25,29 @@ for the recompute). A layer's MLP weights are released as soon as the MLP's back
 the attention backward that follows runs without them (45 MiB of INT4 codes and scales on
 Llama). Weights move only through `lowmem.weights.StreamedWeights` (one store entry a layer).
 
+The MLP's backward first (`mlp_first`, beyond the paper; best with disk offload). A decoder
+layer is out = h + mlp(norm(h)) with h = x + attention(x). Recomputing it whole and running
+autograd keeps the attention's saved tensors (x, norm(x) for the LoRA A gradients, q, the
+attention output: four T x D on Llama) alive through the MLP's backward, which itself holds h,
+its gradient and the layer output's gradient g: seven T x D where `best` peaked at 1024-4096
+tokens. But the MLP's output feeds only the residual add, so its gradient is g, known before
+any recompute, and dh = g + J_mlp(h)^T g needs only h and g. With a tiled MLP
+(`lowmem.tiled_mlp`) the backward therefore runs in two phases:
+
+    1. dh from h and g, tile by tile ("store": h was kept in the store by the forward, one
+       more T x D written and read per layer; "recompute": h from a recompute of the layer
+       under no_grad, one more attention forward per layer), written into g's own buffer
+       where autograd handed g to this backward alone (`lowmem.tiled_mlp.sole_owner`: the
+       engine holds g until the layer's backward returns, so a separate dh would be one more
+       T x D through phase 2), else over h;
+    2. recompute the attention with grad (the tiles only note h's graph node) and back-
+       propagate dh from h.
+
+Phase 1 holds h and g / dh (and x with "recompute"); phase 2 holds what the attention's
+backward held before, less one T x D (dh is g). Loss and gradients are bit-identical (the
+same sums in the same order). Llama-3.2 3B, best, simulated: 0.256 -> 0.190 GiB at 1024
+tokens, 0.347 -> 0.258 at 2048, 0.933 -> 0.840 at 8192 (experiments/LOG.md).
+
 Selective activation caching (`cache_policy`) names frozen linear layers whose outputs are kept
 in the store during forward; the recompute then reads them instead of running those matmuls,
 and their input gradient is grad_y W, which needs the weight, not the activation
@@ -38,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
+from functools import partial
 
 import torch
 
@@ -57,6 +81,9 @@ POLICIES = {
 }
 
 
+MLP_FIRST = ("off", "recompute", "store")
+
+
 class Checkpointing:
     """Shared state of one model's checkpointed layers: stores, mode, counters."""
 
@@ -69,7 +96,9 @@ class Checkpointing:
         self.store = make_store(offload, meter, root, async_writes)  # inputs, cached outputs
         self.weights = make_store(offload, meter, root, async_writes) if stream_weights else None
         self.prefetch = prefetch  # read layer i - 1 while layer i runs backward (double buffer)
-        self.mode = "plain"  # "record" during checkpointed forward, "replay" during recompute
+        # "record" during checkpointed forward, "replay" during recompute, "peek" during a
+        # recompute under no_grad that a replay follows (a layer's MLP-first backward)
+        self.mode = "plain"
         self.recompute_s = 0.0
         self.layers: list[CheckpointedLayer] = []
 
@@ -93,9 +122,14 @@ class CheckpointedLayer:
     """
 
     def __init__(
-        self, layer: torch.nn.Module, index: int, state: Checkpointing, arch: Architecture
+        self,
+        layer: torch.nn.Module,
+        index: int,
+        state: Checkpointing,
+        arch: Architecture,
+        mlp_first: str = "off",
     ) -> None:
-        self.layer, self.index = layer, index
+        self.layer, self.index, self.mlp_first = layer, index, mlp_first
         self.inner_forward = layer.forward
         self._state = weakref.ref(state)  # the model owns the state, not the other way round
         self.tiles = tiles_of(layer, arch)  # its tiled MLP, told when its output is unused
@@ -141,33 +175,117 @@ class _LayerCheckpoint(torch.autograd.Function):
         ctx.rng = saved_rng(wrapper.layer, hidden.device)
         state.store.put(f"h{wrapper.index}", {"h": hidden})
         _prefetch_weights(state, wrapper.index + 1)
-        with torch.no_grad(), _mode(state, "record"), _weights_of(wrapper):
+        keep = contextlib.nullcontext()
+        if wrapper.mlp_first == "store":  # the MLP input waits in the store for backward
+            keep = wrapper.tiles.intercepted(partial(_keep_mlp_input, ctx, wrapper))
+        with torch.no_grad(), _mode(state, "record"), _weights_of(wrapper), keep:
             return wrapper.inner_forward(hidden, **kwargs)
 
     @staticmethod
     def backward(ctx, grad_out):
         wrapper, kwargs = ctx.call
-        state, i = wrapper._state(), wrapper.index
-        hidden = state.store.get(f"h{i}")["h"].detach().requires_grad_(ctx.hidden_requires_grad)
-        if i > 0 and state.prefetch:
-            state.store.prefetch(f"h{i - 1}")
-        _prefetch_weights(state, i - 1)
         params = [p for p in wrapper.layer.parameters() if p.requires_grad]
-        start = time.perf_counter()
-        inputs = ([hidden] if ctx.hidden_requires_grad else []) + params
         # the weights stay loaded through this layer's backward (a tiled MLP recomputes there)
         with _weights_of(wrapper):
-            with torch.enable_grad(), _mode(state, "replay"), replayed_rng(ctx.rng):
-                with wrapper.outputs_unused():
-                    out = wrapper.inner_forward(hidden, **kwargs)
-            state.recompute_s += time.perf_counter() - start
-            # back-propagate from out's graph node, not from out: its T x D values are not
-            # needed, so they are freed before the layer's backward starts
-            edge = torch.autograd.graph.get_gradient_edge(out)
-            del out
-            grads = list(torch.autograd.grad(edge, inputs, grad_out))
+            if wrapper.mlp_first == "off":
+                grads = _backward(ctx, wrapper, kwargs, params, grad_out)
+            else:
+                grads = _backward_mlp_first(ctx, wrapper, kwargs, params, grad_out)
         grad_hidden = grads.pop(0) if ctx.hidden_requires_grad else None
         return (grad_hidden, None, *grads)
+
+
+def _layer_input(ctx, state: Checkpointing, i: int) -> torch.Tensor:
+    """Layer i's input, read back from the store (and layer i - 1's asked for, with prefetch)."""
+    hidden = state.store.get(f"h{i}")["h"].detach().requires_grad_(ctx.hidden_requires_grad)
+    if i > 0 and state.prefetch:
+        state.store.prefetch(f"h{i - 1}")
+    _prefetch_weights(state, i - 1)
+    return hidden
+
+
+def _backward(ctx, wrapper, kwargs, params, grad_out) -> list:
+    """Recompute the layer with grad and back-propagate grad_out through it."""
+    state = wrapper._state()
+    hidden = _layer_input(ctx, state, wrapper.index)
+    start = time.perf_counter()
+    inputs = ([hidden] if ctx.hidden_requires_grad else []) + params
+    with torch.enable_grad(), _mode(state, "replay"), replayed_rng(ctx.rng):
+        with wrapper.outputs_unused():
+            out = wrapper.inner_forward(hidden, **kwargs)
+    state.recompute_s += time.perf_counter() - start
+    # back-propagate from out's graph node, not from out: its T x D values are not needed, so
+    # they are freed before the layer's backward starts
+    edge = torch.autograd.graph.get_gradient_edge(out)
+    del out
+    return list(torch.autograd.grad(edge, inputs, grad_out))
+
+
+def _keep_mlp_input(ctx, wrapper: CheckpointedLayer, h: torch.Tensor) -> torch.Tensor:
+    """In forward, for mlp_first="store": the MLP input h waits in the store for backward."""
+    ctx.mlp_rng = saved_rng(wrapper.tiles.rng_module, h.device)
+    wrapper._state().store.put(f"m{wrapper.index}", {"h": h})
+    return wrapper.tiles.values(h)
+
+
+def _zeros_like(h: torch.Tensor) -> torch.Tensor:
+    return h.new_zeros(()).expand_as(h)  # the layer adds it to h: its values are never read
+
+
+def _backward_mlp_first(ctx, wrapper, kwargs, params, grad_out) -> list:
+    """The layer's gradients with the MLP's backward done before the attention is recomputed
+    with grad (the module docstring): dh from the stored MLP input ("store") or from a
+    recompute under no_grad ("recompute"; "peek": cached outputs stay for the replay), then the
+    attention's recompute and its backward from dh."""
+    state, tiles, i = wrapper._state(), wrapper.tiles, wrapper.index
+    start = time.perf_counter()
+    first: dict = {}
+    if wrapper.mlp_first == "store":
+        if state.prefetch:
+            state.store.prefetch(f"h{i}")
+        h = state.store.get(f"m{i}")["h"]
+        with replayed_rng(ctx.mlp_rng):
+            first["grads"] = tiles.backward_first(h, grad_out)
+        del h
+        hidden = _layer_input(ctx, state, i)
+        if i > 0 and state.prefetch:
+            state.store.prefetch(f"m{i - 1}")
+        backward_s = time.perf_counter() - start
+    else:
+        hidden = _layer_input(ctx, state, i)
+
+        def mlp_backward(h):
+            begin = time.perf_counter()
+            first["grads"] = tiles.backward_first(h, grad_out, keep=hidden)
+            first["s"] = time.perf_counter() - begin
+            return _zeros_like(h)
+
+        with torch.no_grad(), _mode(state, "peek"), replayed_rng(ctx.rng):
+            with tiles.intercepted(mlp_backward):
+                wrapper.inner_forward(hidden, **kwargs)
+        backward_s = first["s"]
+    grad_h, mlp_grads = first["grads"]
+    wrapper.unload_weights(f"{wrapper.mlp_name}.")  # the attention runs without them
+    ours = {id(p) for p in tiles.params}
+    inputs = ([hidden] if ctx.hidden_requires_grad else []) + params
+    rest = [t for t in inputs if id(t) not in ours]  # the attention's parameters, the input
+    grads = iter(())
+    if rest:
+        captured = []
+
+        def capture(h):
+            captured.append(h)
+            return _zeros_like(h)
+
+        with torch.enable_grad(), _mode(state, "replay"), replayed_rng(ctx.rng):
+            with tiles.intercepted(capture):
+                wrapper.inner_forward(hidden, **kwargs)  # its T x D output is freed at once
+        edge = torch.autograd.graph.get_gradient_edge(captured.pop())
+    state.recompute_s += time.perf_counter() - start - backward_s
+    if rest:
+        grads = iter(torch.autograd.grad(edge, rest, grad_h))
+    mlp_grads = iter(mlp_grads)
+    return [next(mlp_grads) if id(t) in ours else next(grads) for t in inputs]
 
 
 class _mode:
@@ -218,8 +336,8 @@ class CachedLinear(torch.nn.Module):
             y = self.inner(x)
             state.store.put(self.key, {"y": y})
             return y
-        if state.mode == "replay":
-            y = state.store.get(self.key)["y"]
+        if state.mode in ("replay", "peek"):  # a peek is followed by a replay
+            y = state.store.get(self.key, keep=state.mode == "peek")["y"]
             chunk = getattr(self.inner, "chunk", 0)
             return frozen_matmul(x, self.inner.frozen, chunk, cached=y)
         return self.inner(x)
@@ -235,6 +353,7 @@ def apply_checkpoint(
     async_writes: bool = True,
     prefetch: bool = True,
     vocab_chunk: int = 0,
+    mlp_first: str = "off",
 ) -> Checkpointing:
     """Checkpoint every decoder layer of a (peft) Hugging Face causal LM, in place.
 
@@ -245,17 +364,31 @@ def apply_checkpoint(
     Comes last (as in `lowmem.stack.apply_stack`): the layers it finds are the ones it streams
     and caches, so quantize and tile first; `apply_quantize` and `apply_tiled_mlp` refuse a
     checkpointed model.
+
+    mlp_first ("off", "recompute", "store": MLP_FIRST) runs each layer's tiled MLP backward
+    before its attention is recomputed with grad (the module docstring); every layer must then
+    have a tiled MLP that feeds only the residual add.
     """
     if cache_policy not in POLICIES:
         raise ValueError(f"bad cache_policy={cache_policy!r}: must be one of {tuple(POLICIES)}")
+    if mlp_first not in MLP_FIRST:
+        raise ValueError(f"bad mlp_first={mlp_first!r}: must be one of {MLP_FIRST}")
     arch = architecture_of(model)
     base = base_model(model)
     layers = arch.decoder_layers(base)
+    for layer in layers if mlp_first != "off" else ():
+        tiles = tiles_of(layer, arch)
+        if tiles is None or not tiles.skippable:
+            why = "not tiled (apply_tiled_mlp first)" if tiles is None else "not residual-only"
+            raise ValueError(
+                f"bad mlp_first={mlp_first!r} for a {type(layer).__name__} whose MLP is {why}: "
+                "must be 'off'"
+            )
     state = Checkpointing(offload, meter, stream_weights, offload_dir, async_writes, prefetch)
     weakref.finalize(base, state.close)  # files go when the model goes, or at exit
     for i, layer in enumerate(layers):
         _wrap_cached_linears(layer, i, POLICIES[cache_policy], state)
-        state.layers.append(CheckpointedLayer(layer, i, state, arch))
+        state.layers.append(CheckpointedLayer(layer, i, state, arch, mlp_first))
     if vocab_chunk and state.weights is not None:
         stream_vocab(model, state.weights, vocab_chunk)
     base.lowmem_checkpointing = state

@@ -48,6 +48,11 @@ class Profile:
     """Read layer i - 1's input and weights while layer i runs backward."""
     attention_block: Callable[[int], int] = lambda seq_len: 0
     """Tokens per query and key block of the exact block attention, from T (0 = SDPA)."""
+    rope: str = "stock"
+    """How RoPE runs where `KernelSettings.rope` is auto (lowmem.rope.ROPES)."""
+    mlp_first: bool = False
+    """A checkpointed layer's tiled MLP runs backward first, from its input kept in the store
+    (with disk offload; `CheckpointSettings.mlp_first`)."""
 
 
 _PAPER_LABELS = (
@@ -66,7 +71,10 @@ PROFILES: dict[str, Profile] = {
 # beyond the paper: every exact technique, no approximation of the loss. The FP32 piece of a
 # dequantized weight stays small next to the layer's T x D activations, and its count per
 # tiled-MLP pass stays constant in T from 8192 on (re-dequantized per tile); prefetch off: one
-# layer's weights on the device at a time. Block attention (lowmem.block_attention) stays off
+# layer's weights on the device at a time; each layer's tiled MLP runs backward first, from its
+# input kept in the store (mlp_first: with disk offload only, since in memory every layer's
+# MLP input would stay resident beside its layer input); RoPE a head at a time (lowmem.rope).
+# Block attention (lowmem.block_attention) stays off
 # by default until Table 1's best records are re-measured with it and its step time is known:
 # attention_block=max(256, T // 32) measured 0.347 -> 0.324 GiB at 2048 and 1.818 -> 1.695 GiB
 # at 16384 (results/raw/block_attention/, experiments/LOG.md)
@@ -77,6 +85,8 @@ PROFILES["best"] = Profile(
     mlp_tile=256,
     prefetch=False,
     attention_block=lambda seq_len: 0,
+    rope="per_head",
+    mlp_first=True,
 )
 ROWS = tuple(PROFILES)
 LABELS = {row: profile.label for row, profile in PROFILES.items()}
@@ -110,6 +120,13 @@ class Techniques:
             "gqa",
             self.kernels.gqa,
             "auto or native with block attention (it never copies K/V), or attention_block=0",
+        )
+        check(
+            self.checkpoint.mlp_first in ("auto", "off") or (tile and self.enabled("checkpoint")),
+            "mlp_first",
+            self.checkpoint.mlp_first,
+            "auto or off unless the row checkpoints and mlp_tile > 0 (the MLP-first backward is "
+            "a checkpointed layer's, with its MLP tiled)",
         )
         check(
             not (tile and policy in ("mlp", "all_linear")),
@@ -196,9 +213,14 @@ class Techniques:
             mlp_tile=k.mlp_tile if k.mlp_tile >= 0 else profile.mlp_tile,
             gqa=k.gqa if k.gqa != "auto" else gqa,
             attention_block=block,
+            rope=k.rope if k.rope != "auto" else profile.rope,
         )
         prefetch = c.offload_prefetch if c.offload_prefetch >= 0 else int(profile.prefetch)
-        checkpoint = dataclasses.replace(c, offload_prefetch=prefetch)
+        first = c.mlp_first
+        if first == "auto":
+            on = profile.mlp_first and kernels.mlp_tile > 0 and c.offload == "disk"
+            first = "store" if on else "off"
+        checkpoint = dataclasses.replace(c, offload_prefetch=prefetch, mlp_first=first)
         return dataclasses.replace(self, kernels=kernels, checkpoint=checkpoint)
 
 

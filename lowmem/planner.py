@@ -278,12 +278,17 @@ def setup_peak(model: str, cfg: StackConfig, metrics: dict, from_dir: bool) -> i
 
 
 def step_record(model: str, cfg: StackConfig, experiment: str = "planner") -> dict:
-    """The simulated record of one configuration: read if it exists, else measured and written."""
+    """The simulated record of one configuration: read if it exists and ran what `cfg` runs
+    now, else measured and written (over a record whose resolved settings differ: one
+    measured before a setting existed or before an `auto` resolved as it does now)."""
     from lowmem.bench import run_cell  # here: bench builds models
 
     path = results.record_path(experiment, results.run_id(model, cfg, "simulated"))
     if path.exists():
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
+        ran = json.loads(json.dumps(cfg.resolved().to_dict()))  # tuples as the record has them
+        if record.get("status") == "ok" and record.get("resolved_config") == ran:
+            return record
     record = run_cell(model, cfg, "simulated")
     if record["status"] == "failed":
         raise RuntimeError(f"simulating {describe(cfg)} on {model} failed: {record['error']}")

@@ -17,9 +17,10 @@ import textwrap
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
-from lowmem.checkpoint import POLICIES
+from lowmem.checkpoint import MLP_FIRST, POLICIES
 from lowmem.offload import OFFLOADS
 from lowmem.quantize import BACKENDS, BITS, CODEBOOKS, GROUP_SIZES
+from lowmem.rope import ROPES
 from lowmem.softmax_approx import RULES, VARIANTS
 
 GQA_MODES = ("auto", "repeat_kv", "native")
@@ -136,6 +137,12 @@ class CheckpointSettings:
     cache_policy: str = "none"
     """Frozen linears whose outputs are cached instead of recomputed: none, attention, mlp,
     all_linear (lowmem.checkpoint.POLICIES)."""
+    mlp_first: str = "auto"
+    """Run a layer's tiled MLP backward before its attention is recomputed with grad, so that
+    the two never hold their tensors at once (lowmem.checkpoint): "store" keeps the MLP input
+    in the store from forward (one more T x D written and read per layer), "recompute"
+    recomputes it (one more attention forward per layer), "off"; "auto" = store in best with
+    disk offload, else off. Needs mlp_tile > 0."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -147,6 +154,7 @@ class CheckpointSettings:
             self.offload_prefetch,
             "-1, 0 or 1",
         )
+        _one_of(self, "mlp_first", ("auto", *MLP_FIRST))
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,9 @@ class KernelSettings:
     attention_block: int = -1
     """Tokens per query (and key) block of the exact block attention (lowmem.block_attention):
     0 = SDPA, -1 = auto (SDPA in every row for now; 256 measured best at 2048)."""
+    rope: str = "auto"
+    """Rotary position embedding: "stock" (transformers' whole-tensor ops), "per_head" (a head
+    at a time, same values; lowmem.rope), "auto" (per_head in best, stock in the paper rows)."""
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -198,6 +209,7 @@ class KernelSettings:
         check(self.attention_block >= -1, "attention_block", self.attention_block, ">= -1")
         _positive(self, "loss_chunk")
         _one_of(self, "gqa", GQA_MODES)
+        _one_of(self, "rope", ("auto", *ROPES))
 
 
 SECTIONS = {

@@ -33,6 +33,7 @@ from lowmem.config import StackConfig, Techniques
 from lowmem.fused_norm import apply_fused_norm
 from lowmem.models import check_architecture
 from lowmem.quant_linear import apply_quantize
+from lowmem.rope import apply_per_head_rope
 from lowmem.tiled_mlp import apply_tiled_mlp
 
 
@@ -117,6 +118,8 @@ def apply_after_quantize(model: torch.nn.Module, cfg: Techniques, meter: str) ->
         apply_tiled_mlp(model, cfg.kernels.mlp_tile)
     if cfg.enabled("fused_norm"):
         apply_fused_norm(model)
+    if cfg.kernels.rope == "per_head":
+        apply_per_head_rope(model)
     if cfg.enabled("checkpoint"):
         apply_checkpoint(
             model,
@@ -128,6 +131,7 @@ def apply_after_quantize(model: torch.nn.Module, cfg: Techniques, meter: str) ->
             cfg.checkpoint.offload_async,
             bool(cfg.checkpoint.offload_prefetch),
             cfg.kernels.loss_chunk if cfg.enabled("fused_loss") else 0,
+            cfg.checkpoint.mlp_first,
         )
     return model
 

@@ -33,6 +33,9 @@ its quantized down_proj), before checkpointing (which asks the layer for its til
 `apply_quantize` refuses a tiled model, `apply_tiled_mlp` a checkpointed one.
 `lowmem.fused_norm` leaves the norms the tiles run (`tiled_norms`) alone.
 
+A checkpointed layer may also run the tiles' backward before its attention is recomputed
+(`backward_first`, `intercepted`; `lowmem.checkpoint`, "The MLP's backward first").
+
 Inside a checkpointed layer a step then runs the whole MLP forward once (the forward) and gate
 and up once more (the tile backward), instead of the whole MLP three times.
 """
@@ -107,11 +110,20 @@ class _Tiles:
         down = getattr(down, "base_layer", down)
         self.down = down if isinstance(down, QuantLinear) else None
         self.rng_module = mlp
-        self.params = [p for p in mlp.parameters() if p.requires_grad]
+        self.modules = [mlp] if self.norm_module is None else [self.norm_module, mlp]
         self.output_unused = False  # set for a recompute whose output nobody reads
+        self.intercept = None  # a function of the input the tiles return instead of running
         mlp.forward = self.forward
 
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """Every trainable parameter the tiles run, as of now: the MLP's and, when the tiles
+        run it, the norm's (not a LoRA default, but its gradient must not be lost)."""
+        return [p for m in self.modules for p in m.parameters() if p.requires_grad]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.intercept is not None:
+            return self.intercept(x)
         return _TiledMLP.apply(x, self, *self.params)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +142,75 @@ class _Tiles:
     def down_values_unused(self):
         return contextlib.nullcontext() if self.down is None else self.down.values_unused()
 
+    @contextlib.contextmanager
+    def intercepted(self, fn) -> Iterator[None]:
+        """Within the block the tiles return fn(input) instead of running (a checkpointed
+        layer's MLP-first backward, `lowmem.checkpoint`)."""
+        previous, self.intercept = self.intercept, fn
+        try:
+            yield
+        finally:
+            self.intercept = previous
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """[norm +] MLP of x under no_grad, a tile at a time."""
+        out = torch.empty_like(x)
+        with torch.no_grad():
+            for a in range(0, x.shape[1], self.tile):
+                out[:, a : a + self.tile] = self(x[:, a : a + self.tile])
+        return out
+
+    def backward_tiles(self, x, grad_out, grad_x, accumulate=False) -> list[torch.Tensor]:
+        """Per tile: recompute [norm +] MLP with grad and back-propagate grad_out's slice; its
+        input gradient goes into grad_x (added to it with accumulate). grad_x may be x or
+        grad_out itself: a tile is read before it is written. Returns the parameters'
+        gradients summed over tiles."""
+        params = self.params
+        grad_params = [torch.zeros_like(p) for p in params]
+        with self.down_values_unused():
+            for a in range(0, x.shape[1], self.tile):
+                xt = x[:, a : a + self.tile].detach().requires_grad_(True)
+                with torch.enable_grad():
+                    yt = self(xt)
+                grads = torch.autograd.grad(yt, [xt, *params], grad_out[:, a : a + self.tile])
+                del xt, yt
+                if accumulate:
+                    grad_x[:, a : a + self.tile] += grads[0]
+                else:
+                    grad_x[:, a : a + self.tile] = grads[0]
+                for acc, g in zip(grad_params, grads[1:], strict=True):
+                    acc.add_(g)
+        return grad_params
+
+    def backward_first(
+        self, h: torch.Tensor, grad_out: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The gradient of out = h + mlp(norm(h)) with respect to h, from out's gradient g
+        alone: dh = g + J^T g (the MLP output feeds only the residual add, so its gradient is
+        g), and the parameters' gradients. dh goes into g's own buffer where autograd handed g
+        to this backward alone (`sole_owner`), else over h, which is dead once its tile is
+        done, unless h is `keep` (or a view) or cannot hold a gradient of g's kind."""
+        if sole_owner(grad_out):
+            return grad_out, self.backward_tiles(h, grad_out, grad_out, accumulate=True)
+        own = h is not keep and h._base is None and h.is_contiguous()
+        own = own and h.dtype == grad_out.dtype and h.shape == grad_out.shape
+        grad_h = h if own else torch.empty_like(grad_out)
+        grad_params = self.backward_tiles(h, grad_out, grad_h)
+        return grad_h.add_(grad_out), grad_params
+
+
+def sole_owner(grad: torch.Tensor) -> bool:
+    """Whether autograd handed `grad` to the running backward and to nothing else, so that
+    writing into it changes no tensor anyone else reads. A gradient that one node passes on to
+    two (an add's backward does) is held by the second's input buffer too (use count 2); a
+    view, or a tensor sharing its storage, has a storage used by more than this tensor and the
+    probe's own handle. Where torch offers no use count, the answer is no."""
+    use_count = getattr(grad, "_use_count", None)
+    if use_count is None or grad._base is not None or not grad.is_contiguous():
+        return False
+    storage_uses = torch._C._storage_Use_Count(grad.untyped_storage()._cdata)
+    return use_count() == 1 and storage_uses == 2  # this tensor + the probe's handle
+
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
@@ -138,12 +219,11 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, tiles, *params):
-        out = torch.empty_like(x)
         ctx.rng = saved_rng(tiles.rng_module, x.device)
-        if not (tiles.skippable and tiles.output_unused):
-            with torch.no_grad():
-                for a in range(0, x.shape[1], tiles.tile):
-                    out[:, a : a + tiles.tile] = tiles(x[:, a : a + tiles.tile])
+        if tiles.skippable and tiles.output_unused:
+            out = torch.empty_like(x)
+        else:
+            out = tiles.values(x)
         ctx.save_for_backward(x)
         ctx.tiles = tiles
         return out
@@ -151,17 +231,7 @@ class _TiledMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        tiles, params = ctx.tiles, ctx.tiles.params
         grad_x = torch.empty_like(x)
-        grad_params = [torch.zeros_like(p) for p in params]
-        # the tiles draw in the order the forward drew
-        with replayed_rng(ctx.rng), tiles.down_values_unused():
-            for a in range(0, x.shape[1], tiles.tile):
-                xt = x[:, a : a + tiles.tile].detach().requires_grad_(True)
-                with torch.enable_grad():
-                    yt = tiles(xt)
-                grads = torch.autograd.grad(yt, [xt, *params], grad_out[:, a : a + tiles.tile])
-                grad_x[:, a : a + tiles.tile] = grads[0]
-                for acc, g in zip(grad_params, grads[1:], strict=True):
-                    acc.add_(g)
+        with replayed_rng(ctx.rng):  # the tiles draw in the order the forward drew
+            grad_params = ctx.tiles.backward_tiles(x, grad_out, grad_x)
         return (grad_x, None, *grad_params)

@@ -104,3 +104,22 @@ def test_smollm2_plans_from_a_converted_directory_fit_their_budget(budget, resul
     assert metrics["peak_bytes"] == chosen.step_peak  # to the byte
     process = metrics["process"]
     assert process["run_peak_rss_bytes"] <= plan.budget, (process, chosen.row())
+
+
+def test_a_cached_step_measured_under_other_settings_is_measured_again(results_tmp):
+    from lowmem.config import StackConfig
+    from lowmem.planner import step_record
+
+    cfg = StackConfig(stack="best", seq_len=SEQ_LEN)
+    fresh = step_record("tiny-llama", cfg)
+    path = next((results_tmp / "raw" / "planner").iterdir())
+    stale = json.loads(path.read_text())
+    # as written before mlp_first existed: the key is missing, the peak was another
+    del stale["resolved_config"]["mlp_first"]
+    stale["metrics"]["peak_bytes"] = 1
+    path.write_text(json.dumps(stale))
+    again = step_record("tiny-llama", cfg)
+    assert again["metrics"]["peak_bytes"] == fresh["metrics"]["peak_bytes"]
+    written = json.loads(path.read_text())
+    assert written["metrics"] == json.loads(json.dumps(again["metrics"]))  # written again
+    assert step_record("tiny-llama", cfg) == written  # and then read as it is

@@ -10,6 +10,9 @@ each row's min and median, and both relative to `best`. One record per context l
 results/raw/peers/smollm2-135m__speed__T<seq_len>__cpu.json.
 
     OMP_NUM_THREADS=1 python experiments/peers/speed.py [--seq-len 256 1024] [--repeats 3]
+        [--rows lora best best:mlp_first=0 hf-qlora] [--experiment peers]
+
+A row is a peer (lowmem.peers.PEERS) or one of our rows as a stack spec (`best:mlp_first=0`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from lowmem import results
 from lowmem.checkpoint import checkpointing_of
-from lowmem.config import StackConfig
+from lowmem.config import parse_spec
 from lowmem.loss import compute_loss
 from lowmem.models import build_model
 from lowmem.peers import PEERS, PeerConfig, build_peer, peer_loss
@@ -37,8 +40,8 @@ ROWS = (*OURS, *PEERS)
 
 def build_row(row: str, seq_len: int) -> tuple[torch.nn.Module, object, dict]:
     """(model, loss function of (model, batch), batch) of one row."""
-    if row in OURS:
-        cfg = StackConfig(stack=row, seq_len=seq_len)
+    if row not in PEERS:
+        cfg = parse_spec(row, seq_len=seq_len)
         torch.manual_seed(cfg.seed)
         model = apply_stack(build_model(MODEL), cfg)
         batch = benchmark_batch(cfg, model.config.vocab_size)
@@ -92,8 +95,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), help="peers or stack specs")
+    parser.add_argument("--experiment", default=EXPERIMENT, help="folder under results/raw/")
     args = parser.parse_args()
+    for row in args.rows:
+        try:
+            row in PEERS or parse_spec(row)  # a bad row: one line, before anything is built
+        except ValueError as err:
+            parser.error(str(err))
     from measure import peer_versions  # experiments/peers/measure.py, beside this script
 
     for seq_len in args.seq_len:
@@ -124,7 +133,7 @@ def main() -> None:
             "elapsed_s": round(time.perf_counter() - start, 2),
             "environment": results.environment(),
         }
-        path = results.write_record(EXPERIMENT, record)
+        path = results.write_record(args.experiment, record)
         print(f"wrote {path}", flush=True)
 
 
