@@ -17,6 +17,9 @@ $PY -m lowmem speed --model smollm2-135m --stacks quantize "checkpoint:offload=m
     "checkpoint:offload=memory" checkpoint --seq-len 256 --steps 3 --experiment checkpoint_speed >/dev/null
 $PY -m lowmem speed --model smollm2-135m --stacks lora quantize checkpoint best --seq-len 256 \
     --steps 3 --experiment best_speed >/dev/null
+# best's MLP-first backward and per-head RoPE, interleaved with lora and the stock recipe
+$PY experiments/peers/speed.py --rows lora best best:mlp_first=off,rope=stock \
+    best:mlp_first=recompute hf-qlora --seq-len 256 1024 --repeats 5 --experiment mlp_first >/dev/null
 unset OMP_NUM_THREADS
 for stack in lora checkpoint; do
   T=$([ $stack = lora ] && echo 512 || echo 1024)
