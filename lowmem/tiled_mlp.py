@@ -206,9 +206,12 @@ def sole_owner(grad: torch.Tensor) -> bool:
     view, or a tensor sharing its storage, has a storage used by more than this tensor and the
     probe's own handle. Where torch offers no use count, the answer is no."""
     use_count = getattr(grad, "_use_count", None)
-    if use_count is None or grad._base is not None or not grad.is_contiguous():
+    storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None or storage_use_count is None:
         return False
-    storage_uses = torch._C._storage_Use_Count(grad.untyped_storage()._cdata)
+    if grad._base is not None or not grad.is_contiguous():
+        return False
+    storage_uses = storage_use_count(grad.untyped_storage()._cdata)
     return use_count() == 1 and storage_uses == 2  # this tensor + the probe's handle
 
 
