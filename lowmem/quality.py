@@ -255,6 +255,6 @@ def run(
         # built once (SmolLM2's GGUF takes ~15 s to dequantize), copied for each run
         if fp32_base is None:
             fp32_base = build_model(protocol.model, "pretrained").eval()
-        task = loaded[task_name]
-        written.append(run_row(task, task_name, row, protocol, seed, False, fp32_base))
+        task = loaded[task_name]  # each run shows its own step bar: 15-30 min apiece
+        written.append(run_row(task, task_name, row, protocol, seed, True, fp32_base))
     return written
