@@ -46,7 +46,8 @@ any recompute, and dh = g + J_mlp(h)^T g needs only h and g. With a tiled MLP
 Phase 1 holds h and g / dh (and x with "recompute"); phase 2 holds what the attention's
 backward held before, less one T x D (dh is g). Loss and gradients are bit-identical (the
 same sums in the same order). Llama-3.2 3B, best, simulated: 0.256 -> 0.190 GiB at 1024
-tokens, 0.347 -> 0.258 at 2048, 0.933 -> 0.840 at 8192 (experiments/LOG.md).
+tokens, 0.347 -> 0.258 at 2048 (0.248 with `lowmem.rope`'s per-head RoPE, the forward then
+holding the peak), 0.933 -> 0.840 at 8192 (experiments/LOG.md, session 8).
 
 Selective activation caching (`cache_policy`) names frozen linear layers whose outputs are kept
 in the store during forward; the recompute then reads them instead of running those matmuls,
@@ -138,7 +139,9 @@ class CheckpointedLayer:
             frozen = {n: m for n, m in layer.named_modules() if isinstance(m, FrozenWeight)}
             self.weights = StreamedWeights(frozen, state.weights, f"w{index}")
         self.mlp_name = mlp = arch.mlp  # its streamed weights are released after its backward
-        if self.weights is not None and any(n.startswith(f"{mlp}.") for n in self.weights.weights):
+        # (by a hook on the MLP input's gradient; the MLP-first backward releases them itself)
+        streams_mlp = self.weights is not None and mlp_first == "off"
+        if streams_mlp and any(n.startswith(f"{mlp}.") for n in self.weights.weights):
             layer.get_submodule(mlp).register_forward_pre_hook(self._release_mlp_after_its_backward)
         layer.forward = self.forward
         layer.lowmem_checkpoint = self

@@ -74,10 +74,9 @@ PROFILES: dict[str, Profile] = {
 # layer's weights on the device at a time; each layer's tiled MLP runs backward first, from its
 # input kept in the store (mlp_first: with disk offload only, since in memory every layer's
 # MLP input would stay resident beside its layer input); RoPE a head at a time (lowmem.rope).
-# Block attention (lowmem.block_attention) stays off
-# by default until Table 1's best records are re-measured with it and its step time is known:
-# attention_block=max(256, T // 32) measured 0.347 -> 0.324 GiB at 2048 and 1.818 -> 1.695 GiB
-# at 16384 (results/raw/block_attention/, experiments/LOG.md)
+# Block attention (lowmem.block_attention) stays off by default: on top of the MLP-first
+# backward it gains nothing at 2048 and 1.631 -> 1.508 GiB at 16384 (512-token blocks), at a
+# whole-step cost not yet measured (results/raw/block_attention/, experiments/LOG.md)
 PROFILES["best"] = Profile(
     "lowmem best (exact loss)",
     ("lora", "quantize", "checkpoint", "logits_mask", "fused_loss", "fused_norm"),

@@ -287,7 +287,7 @@ def step_record(model: str, cfg: StackConfig, experiment: str = "planner") -> di
     if path.exists():
         record = json.loads(path.read_text())
         ran = json.loads(json.dumps(cfg.resolved().to_dict()))  # tuples as the record has them
-        if record.get("status") == "ok" and record.get("resolved_config") == ran:
+        if record.get("resolved_config") == ran:
             return record
     record = run_cell(model, cfg, "simulated")
     if record["status"] == "failed":

@@ -197,7 +197,7 @@ class KernelSettings:
     on (experiments/LOG.md); native whenever attention_block is on."""
     attention_block: int = -1
     """Tokens per query (and key) block of the exact block attention (lowmem.block_attention):
-    0 = SDPA, -1 = auto (SDPA in every row for now; 256 measured best at 2048)."""
+    0 = SDPA, -1 = auto (SDPA in every row for now; experiments/LOG.md)."""
     rope: str = "auto"
     """Rotary position embedding: "stock" (transformers' whole-tensor ops), "per_head" (a head
     at a time, same values; lowmem.rope), "auto" (per_head in best, stock in the paper rows)."""

@@ -10,9 +10,9 @@ each row's min and median, and both relative to `best`. One record per context l
 results/raw/peers/smollm2-135m__speed__T<seq_len>__cpu.json.
 
     OMP_NUM_THREADS=1 python experiments/peers/speed.py [--seq-len 256 1024] [--repeats 3]
-        [--rows lora best best:mlp_first=0 hf-qlora] [--experiment peers]
+        [--rows lora best best:mlp_first=off hf-qlora] [--experiment peers]
 
-A row is a peer (lowmem.peers.PEERS) or one of our rows as a stack spec (`best:mlp_first=0`).
+A row is a peer (lowmem.peers.PEERS) or one of our rows as a stack spec (`best:mlp_first=off`).
 """
 
 from __future__ import annotations
