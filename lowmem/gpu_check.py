@@ -135,10 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gqa", choices=("repeat_kv", "native"), help="every cell with this GQA path"
     )
+    parser.add_argument("--rows", help=f"comma-separated, from: {', '.join(ROWS)} (default all)")
+    parser.add_argument("--seq-lens", help="comma-separated: only the cells at these lengths")
     args = parser.parse_args(argv)
     models = tuple(args.models.split(",")) if args.models else None
     if models and not set(models) <= set(paper.paper_models()):
         parser.error(f"bad --models={args.models!r}: from {', '.join(paper.paper_models())}")
+    rows = args.rows.split(",") if args.rows else list(ROWS)
+    if not set(rows) <= set(ROWS):
+        parser.error(f"bad --rows={args.rows!r}: a comma-separated list from {', '.join(ROWS)}")
+    lengths = {SEQ_LEN, *(LONG_SEQ_LENS if args.long else ())}
+    try:
+        seq_lens = {int(t) for t in args.seq_lens.split(",")} if args.seq_lens else lengths
+    except ValueError:
+        seq_lens = set()
+    if not seq_lens or not seq_lens <= lengths:
+        parser.error(f"bad --seq-lens={args.seq_lens!r}: from {sorted(lengths)}")
     meters = [m for m in args.meters.split(",") if m]
     bad = [m for m in meters if m not in METERS]
     if bad or not meters:
@@ -152,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     start = time.perf_counter()
-    todo = cells(args.long, models, args.gqa)
+    todo = [
+        (m, cfg)
+        for m, cfg in cells(args.long, models, args.gqa)
+        if cfg.stack in rows and cfg.seq_len in seq_lens
+    ]
     for meter in meters:
         for cell in todo:
             model, cfg = cell

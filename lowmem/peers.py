@@ -248,7 +248,7 @@ def metered(cfg: PeerConfig, meter: str) -> Iterator[list[str]]:
                 "bitsandbytes NF4 stand-in: lowmem.peers.standin_linear4bit (bnb.nn.Linear4bit "
                 "around a plain uint8 parameter; real quantize_4bit with double quantization)"
             )
-        if cfg.peer == "hf-qlora-cce":
+        if cfg.peer == "hf-qlora-cce" and cfg.cce_impl == "torch_compile":
             # under a dispatch mode torch.compile refuses to trace: the function runs eagerly
             stack.enter_context(torch.compiler.set_stance("force_eager"))
             notes.append("cut-cross-entropy torch_compile impl run eagerly (no compilation)")

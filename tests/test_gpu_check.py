@@ -130,3 +130,39 @@ def test_table_measures_nothing_and_writes_the_table(monkeypatch, capsys, result
     assert gpu_check.main(["--table"]) == 0
     table = (results_tmp / "tables" / "gpu_check.md").read_text()
     assert "| qwen-2.5-3b | best | 2048 | 1.00 | - | - | - | - |" in table
+
+
+def test_rows_and_seq_lens_pick_the_cells(monkeypatch, results_tmp):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+    ran = []
+
+    def fake_grid(experiment, cells, executor, force=False):
+        for model, cfg, meter in cells:
+            ran.append((model, cfg.stack, cfg.seq_len, cfg.to_dict()["gqa"]))
+            results.write_record(experiment, _record(model, cfg.stack, meter, peak_bytes=GiB))
+
+    monkeypatch.setattr(gpu_check, "run_cells", fake_grid)
+    argv = ["--meters", "cuda", "--long", "--models", "llama-3.2-3b", "--gqa", "repeat_kv"]
+    gpu_check.main([*argv, "--rows", "logits_mask,best", "--seq-lens", "2048,16384"])
+    assert sorted(ran) == [
+        ("llama-3.2-3b", "best", 2048, "repeat_kv"),
+        ("llama-3.2-3b", "logits_mask", 2048, "repeat_kv"),
+        ("llama-3.2-3b", "logits_mask", 16384, "repeat_kv"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, bad",
+    [
+        (["--rows", "lora,flash"], "lora,flash"),
+        (["--seq-lens", "4096"], "4096"),  # a long length without --long
+        (["--long", "--seq-lens", "4k"], "4k"),
+    ],
+)
+def test_bad_rows_or_seq_lens_are_refused_naming_the_value(argv, bad, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(["--meters", "cuda", *argv])
+    assert stop.value.code == 2
+    assert bad in capsys.readouterr().err

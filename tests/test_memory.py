@@ -1,3 +1,5 @@
+import gc
+
 import pytest
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -140,9 +142,18 @@ def test_cuda_allocator_peak_matches_simulated(stack):
     gpu = run_cell("tiny-llama", cfg, "cuda")
     fake = run_cell("tiny-llama", cfg, "simulated")
     assert gpu["status"] == "ok", gpu["error"]
-    # the allocator rounds each block up to 512 B and its kernels may keep workspaces
-    assert gpu["metrics"]["peak_bytes"] >= fake["metrics"]["peak_bytes"]
-    assert gpu["metrics"]["peak_bytes"] <= 1.10 * fake["metrics"]["peak_bytes"] + 2**20
+    gc.collect()
+    torch.cuda.empty_cache()
+    # what outlives the cell is no tensor of it: cuBLAS / cuBLASLt workspaces (64 MiB on an
+    # H200, more than this model's whole step), which the caching allocator counts
+    workspaces = torch.cuda.memory_allocated()
+    allocated, tracked = gpu["metrics"]["peak_bytes"], gpu["metrics"]["tracked_peak_bytes"]
+    simulated = fake["metrics"]["peak_bytes"]
+    seen = f"allocated {allocated}, workspaces {workspaces}, tracked {tracked}, sim {simulated}"
+    # the tracker on the GPU sees the tensors the simulated meter predicts
+    assert abs(tracked - simulated) <= 0.10 * simulated + 2**20, seen
+    # the allocator, less the workspaces, holds those tensors (blocks rounded up to 512 B)
+    assert tracked - 2**20 <= allocated - workspaces <= 1.10 * tracked + 2**20, seen
 
 
 @pytest.mark.parametrize("meter", ["cpu", "simulated"])

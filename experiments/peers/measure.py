@@ -7,6 +7,11 @@ trainable, at the paper's five contexts (shortest first). `best` is re-measured 
 record exists are skipped unless --force.
 
     python experiments/peers/measure.py [--contexts 1024 2048] [--rows best hf-qlora] [--force]
+
+Under `--meter cuda` (a GPU machine) CCE runs its Triton kernel (`impl="cce"`) and `--standin`
+quantizes with bitsandbytes' `quantize_4bit` on the built model instead of writing the FP32 model
+to disk and loading it back through `from_pretrained` (the same peak on the cpu meter:
+tests/test_peers.py); the run id says `standin`.
 """
 
 from __future__ import annotations
@@ -78,11 +83,12 @@ def peer_record(model: str, cfg: PeerConfig, meter: str, standin: bool | None = 
         "config": config,
         "resolved_config": config,
         "meter": meter,
-        "device": "cpu",
+        "device": "cuda" if meter == "cuda" else "cpu",
         "metrics": metrics,
         "error": error,
         "stand_ins": notes,
-        "cuda_kernel_measured": False,  # no GPU in this run: CCE's Triton kernel not measured
+        # CCE's own Triton kernel ("cce") runs on CUDA only; elsewhere its torch_compile impl
+        "cuda_kernel_measured": cfg.peer == "hf-qlora-cce" and cfg.cce_impl == "cce",
         "peer_versions": peer_versions(),
         "elapsed_s": round(time.perf_counter() - start, 2),
         "environment": results.environment(),
@@ -100,18 +106,24 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--model", default=MODEL)
     parser.add_argument("--meter", default="simulated")
+    parser.add_argument("--standin", action="store_true", help="bnb NF4 stand-in on real tensors")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
+    cce_impl = "cce" if args.meter == "cuda" else PeerConfig.cce_impl
+    standin = True if args.standin else None
     for seq_len in sorted(args.contexts):
         for row in args.rows:
-            rid = "__".join([args.model, row, f"T{seq_len}", args.meter])
+            peer_standin = args.standin and row != "best"
+            parts = [args.model, row, f"T{seq_len}", args.meter] + ["standin"] * peer_standin
+            rid = "__".join(parts)
             if results.record_path(EXPERIMENT, rid).exists() and not args.force:
                 print(f"skip {rid} (recorded)", flush=True)
                 continue
             if row == "best":
                 record = best_record(args.model, seq_len, args.meter)
             else:
-                record = peer_record(args.model, PeerConfig(row, seq_len=seq_len), args.meter)
+                cfg = PeerConfig(row, seq_len=seq_len, cce_impl=cce_impl)
+                record = peer_record(args.model, cfg, args.meter, standin)
             assert record["run_id"] == rid, (record["run_id"], rid)
             results.write_record(EXPERIMENT, record)
             gib = record["metrics"].get("peak_gib")
