@@ -75,7 +75,9 @@ class PeerConfig:
     alpha: int = 32
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     chunks: int = 8  # torchtune's default num_output_chunks
-    cce_impl: str = "torch_compile"  # "cce" is the Triton kernel (CUDA only)
+    cce_impl: str = (
+        "torch_compile"  # "cce": the Triton kernel (CUDA, BF16 inputs: cast at the loss)
+    )
 
     def __post_init__(self) -> None:
         if self.peer not in PEERS:
@@ -235,7 +237,10 @@ def peer_loss(model: torch.nn.Module, batch: dict, cfg: PeerConfig) -> tuple[tor
         return loss, None
     from cut_cross_entropy import linear_cross_entropy
 
-    return linear_cross_entropy(hidden, head.weight, labels, shift=True, impl=cfg.cce_impl), None
+    classifier = head.weight
+    if cfg.cce_impl == "cce":  # the Triton kernel takes half precision only: cast, as users do
+        hidden, classifier = hidden.to(torch.bfloat16), classifier.to(torch.bfloat16)
+    return linear_cross_entropy(hidden, classifier, labels, shift=True, impl=cfg.cce_impl), None
 
 
 @contextlib.contextmanager

@@ -134,10 +134,19 @@ def test_the_tracker_sees_the_peak_a_plain_run_has(spec):
     assert abs(tracked["peak_bytes"] - tracked["resident_bytes"] - plain) <= 4096
 
 
+def _warm_cuda_libraries() -> None:
+    """cuBLAS and cuBLASLt take their workspaces at their first call and keep them: take them
+    before a measured step, so that the step's allocator peak holds them whole (the first cell
+    measured on a fresh GPU process had taken only part of them at its peak: 2026-12-04)."""
+    x = torch.randn(64, 64, device="cuda", requires_grad=True)
+    ((x @ x).sum() + torch.nn.functional.linear(x, x, x[0]).sum()).backward()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("stack", ROWS)
 def test_cuda_allocator_peak_matches_simulated(stack):
+    _warm_cuda_libraries()
     cfg = StackConfig.from_flat(stack=stack, seq_len=512, softmax_k=100, offload_async=False)
     gpu = run_cell("tiny-llama", cfg, "cuda")
     fake = run_cell("tiny-llama", cfg, "simulated")

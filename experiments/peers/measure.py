@@ -54,7 +54,12 @@ def recipe(cfg: PeerConfig) -> dict:
             "hf-qlora-torchtune": f"torchtune CEWithChunkedOutputLoss({cfg.chunks}) on "
             f"{cfg.chunks} head chunks",
             "hf-qlora-cce": f"cut_cross_entropy.linear_cross_entropy(shift=True, "
-            f"impl={cfg.cce_impl!r})",
+            f"impl={cfg.cce_impl!r})"
+            + (
+                " on the hidden states and head weight cast to BF16"
+                if cfg.cce_impl == "cce"
+                else ""
+            ),
         }[cfg.peer],
         "kept_through_backward": "the loss only (the logits are dropped, as a training loop does)",
     }
