@@ -44,6 +44,7 @@ SEQ_LEN = 2048
 LONG_ROWS = ("softmax_approx", "logits_mask")
 LONG_SEQ_LENS = (4096, 8192, 16384)
 METERS = ("cuda", "simulated")  # the GPU first: it is the scarce resource
+GQA_PATHS = ("repeat_kv", "native")
 GiB = 2**30
 TABLE_HEAD = """# gpu_check: the cuda meter beside the simulated one (GiB, one step, batch 1)
 
@@ -78,24 +79,33 @@ def comparison_table(records: list[dict]) -> str:
     ratio; a status where not ok."""
     by_cell: dict[tuple, dict[str, dict]] = {}
     for r in records:
-        key = (r["model"], ROWS.index(r["config"]["stack"]), r["config"]["seq_len"])
+        cfg = r["config"]
+        key = (r["model"], ROWS.index(cfg["stack"]), cfg["seq_len"], cfg.get("gqa", "auto"))
         by_cell.setdefault(key, {})[r["meter"]] = r
     lines = [
         "| model | row | T | cuda GiB | reserved GiB | tracked GiB | simulated GiB "
-        "| cuda / simulated |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| cuda / simulated | commits (cuda, simulated) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for (model, row, seq_len), meters in sorted(by_cell.items()):
+    for (model, row, seq_len, gqa), meters in sorted(by_cell.items()):
         cuda, sim = meters.get("cuda"), meters.get("simulated")
         cuda_gib, sim_gib = _gib(cuda, "peak_bytes"), _gib(sim, "peak_bytes")
         ratio = f"{cuda_gib / sim_gib:.3f}" if _ok(cuda) and _ok(sim) else "-"
+        name = ROWS[row] if gqa == "auto" else f"{ROWS[row]}, gqa={gqa}"
         lines.append(
-            f"| {model} | {ROWS[row]} | {seq_len} | {_shown(cuda, cuda_gib)} | "
+            f"| {model} | {name} | {seq_len} | {_shown(cuda, cuda_gib)} | "
             f"{_shown(cuda, _gib(cuda, 'reserved_peak_bytes'))} | "
             f"{_shown(cuda, _gib(cuda, 'tracked_peak_bytes'))} | {_shown(sim, sim_gib)} | "
-            f"{ratio} |"
+            f"{ratio} | {_commit(cuda)}, {_commit(sim)} |"
         )
     return "\n".join(lines)
+
+
+def _commit(record: dict | None) -> str:
+    """The record's commit, short: cells measured apart may differ in code (a row re-measured
+    under the simulated meter since the GPU run, say)."""
+    commit = (record or {}).get("environment", {}).get("commit")
+    return commit[:7] if commit else "-"
 
 
 def _ok(record: dict | None) -> bool:
@@ -132,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--models", help=f"comma-separated, from: {', '.join(paper.paper_models())} (default both)"
     )
-    parser.add_argument(
-        "--gqa", choices=("repeat_kv", "native"), help="every cell with this GQA path"
-    )
+    parser.add_argument("--gqa", choices=GQA_PATHS, help="every cell with this GQA path")
     parser.add_argument("--rows", help=f"comma-separated, from: {', '.join(ROWS)} (default all)")
     parser.add_argument("--seq-lens", help="comma-separated: only the cells at these lengths")
     args = parser.parse_args(argv)
@@ -175,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             run_cells(EXPERIMENT, [(model, cfg, meter)], "in-process", force=args.force)
             if meter == "cuda":
                 _say_what_is_left(cell)
-    records = _records(todo)
+    # the table shows every recorded cell of these models (each GQA path), not only todo's
+    shown = [c for g in (None, *GQA_PATHS) for c in cells(args.long, models, g)]
+    records = _records(shown, cuda_recorded=True)
     table = comparison_table(records)
     print(table)
     tables = results.results_dir() / "tables"
@@ -187,17 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.table:
         return 0
-    measured = [r for r in records if r["meter"] in meters]
+    measured = [r for r in _records(todo) if r["meter"] in meters]
     return 0 if len(measured) == len(todo) * len(meters) and all(map(_ok, measured)) else 1
 
 
-def _records(todo: list[tuple[str, StackConfig]]) -> list[dict]:
+def _records(todo: list[tuple[str, StackConfig]], cuda_recorded: bool = False) -> list[dict]:
     """This check's records of `todo` under both meters; a simulated one not measured here is
-    the Table 1 record of the same run id (the run id holds model, every setting and meter)."""
-    ids = {results.run_id(m, cfg, meter) for m, cfg in todo for meter in METERS}
-    own = {r["run_id"]: r for r in results.load_records(EXPERIMENT) if r["run_id"] in ids}
-    table1 = {r["run_id"]: r for r in results.load_records(TABLE1) if r["run_id"] in ids}
-    return list({**table1, **own}.values())
+    the Table 1 record of the same run id (the run id holds model, every setting and meter).
+    `cuda_recorded`: only the cells that have a cuda record."""
+    own = {r["run_id"]: r for r in results.load_records(EXPERIMENT)}
+    table1 = {r["run_id"]: r for r in results.load_records(TABLE1)}
+    out = []
+    for model, cfg in todo:
+        ids = [results.run_id(model, cfg, meter) for meter in METERS]
+        if cuda_recorded and results.run_id(model, cfg, "cuda") not in own:
+            continue
+        out += [own.get(i) or table1[i] for i in ids if i in own or i in table1]
+    return out
 
 
 def _say_what_is_left(cell: tuple[str, StackConfig]) -> None:

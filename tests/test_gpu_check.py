@@ -9,8 +9,8 @@ from lowmem.config import ROWS, StackConfig
 GiB = 2**30
 
 
-def _record(model, stack, meter, status="ok", **metrics):
-    cfg = StackConfig(stack=stack, seq_len=2048)
+def _record(model, stack, meter, status="ok", cfg=None, **metrics):
+    cfg = cfg or StackConfig(stack=stack, seq_len=2048)
     return {
         "run_id": results.run_id(model, cfg, meter),
         "status": status,
@@ -58,8 +58,8 @@ def test_the_table_puts_cuda_beside_simulated():
     assert lines[0].startswith(
         "| model | row | T | cuda GiB | reserved GiB | tracked GiB | simulated GiB |"
     )
-    assert lines[2] == "| llama-3.2-3b | lora | 2048 | 2.50 | 3.00 | 2.00 | 2.00 | 1.250 |"
-    assert lines[3] == "| qwen-2.5-3b | baseline | 2048 | oom | oom | oom | - | - |"
+    assert lines[2] == "| llama-3.2-3b | lora | 2048 | 2.50 | 3.00 | 2.00 | 2.00 | 1.250 | -, - |"
+    assert lines[3] == "| qwen-2.5-3b | baseline | 2048 | oom | oom | oom | - | - | -, - |"
 
 
 def test_main_measures_each_cell_under_both_meters_and_prints_the_table(
@@ -112,7 +112,7 @@ def test_cuda_alone_takes_the_simulated_figure_from_table1(monkeypatch, capsys, 
     assert gpu_check.main(["--meters", "cuda"]) == 0
     assert set(ran) == {"cuda"} and len(ran) == 14
     row = [x for x in capsys.readouterr().out.splitlines() if "| llama-3.2-3b | lora |" in x]
-    assert row == ["| llama-3.2-3b | lora | 2048 | 2.00 | - | - | 1.00 | 2.000 |"]
+    assert row == ["| llama-3.2-3b | lora | 2048 | 2.00 | - | - | 1.00 | 2.000 | -, - |"]
 
 
 def test_bad_meters_are_refused_naming_the_value(capsys):
@@ -126,10 +126,11 @@ def test_bad_meters_are_refused_naming_the_value(capsys):
 def test_table_measures_nothing_and_writes_the_table(monkeypatch, capsys, results_tmp):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(gpu_check, "run_cells", lambda *a, **k: pytest.fail("measured"))
-    results.write_record("gpu_check", _record("qwen-2.5-3b", "best", "cuda", peak_bytes=GiB))
+    record = _record("qwen-2.5-3b", "best", "cuda", peak_bytes=GiB)
+    results.write_record("gpu_check", {**record, "environment": {"commit": "660b8e2e3f0a"}})
     assert gpu_check.main(["--table"]) == 0
     table = (results_tmp / "tables" / "gpu_check.md").read_text()
-    assert "| qwen-2.5-3b | best | 2048 | 1.00 | - | - | - | - |" in table
+    assert "| qwen-2.5-3b | best | 2048 | 1.00 | - | - | - | - | 660b8e2, - |" in table
 
 
 def test_rows_and_seq_lens_pick_the_cells(monkeypatch, results_tmp):
@@ -141,16 +142,23 @@ def test_rows_and_seq_lens_pick_the_cells(monkeypatch, results_tmp):
     def fake_grid(experiment, cells, executor, force=False):
         for model, cfg, meter in cells:
             ran.append((model, cfg.stack, cfg.seq_len, cfg.to_dict()["gqa"]))
-            results.write_record(experiment, _record(model, cfg.stack, meter, peak_bytes=GiB))
+            record = _record(model, cfg.stack, meter, cfg=cfg, peak_bytes=2 * GiB)
+            results.write_record(experiment, record)
 
     monkeypatch.setattr(gpu_check, "run_cells", fake_grid)
+    # the default path's cell is recorded too: the table shows both, each on its own row
+    results.write_record("gpu_check", _record("llama-3.2-3b", "best", "cuda", peak_bytes=GiB))
     argv = ["--meters", "cuda", "--long", "--models", "llama-3.2-3b", "--gqa", "repeat_kv"]
-    gpu_check.main([*argv, "--rows", "logits_mask,best", "--seq-lens", "2048,16384"])
+    assert gpu_check.main([*argv, "--rows", "logits_mask,best", "--seq-lens", "2048,16384"]) == 0
     assert sorted(ran) == [
         ("llama-3.2-3b", "best", 2048, "repeat_kv"),
         ("llama-3.2-3b", "logits_mask", 2048, "repeat_kv"),
         ("llama-3.2-3b", "logits_mask", 16384, "repeat_kv"),
     ]
+    table = (results_tmp / "tables" / "gpu_check.md").read_text()
+    assert "| llama-3.2-3b | best | 2048 | 1.00 |" in table
+    assert "| llama-3.2-3b | best, gqa=repeat_kv | 2048 | 2.00 |" in table
+    assert "| llama-3.2-3b | logits_mask, gqa=repeat_kv | 16384 | 2.00 |" in table
 
 
 @pytest.mark.parametrize(
