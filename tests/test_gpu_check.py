@@ -21,6 +21,14 @@ def _record(model, stack, meter, status="ok", cfg=None, **metrics):
     }
 
 
+@pytest.fixture
+def gpu(monkeypatch):
+    """torch as it is on a GPU machine, for the parts of main that ask it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+
+
 def test_the_cells_are_both_paper_models_times_every_row_at_2048():
     cells = gpu_check.cells()
     assert len(cells) == 14
@@ -63,11 +71,8 @@ def test_the_table_puts_cuda_beside_simulated():
 
 
 def test_main_measures_each_cell_under_both_meters_and_prints_the_table(
-    monkeypatch, capsys, results_tmp
+    gpu, monkeypatch, capsys, results_tmp
 ):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
     ran = []
 
     def fake_grid(experiment, cells, executor, force=False):
@@ -96,10 +101,7 @@ def test_long_adds_the_two_rows_below_the_paper_at_long_contexts():
     )
 
 
-def test_cuda_alone_takes_the_simulated_figure_from_table1(monkeypatch, capsys, results_tmp):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+def test_cuda_alone_takes_the_simulated_figure_from_table1(gpu, monkeypatch, capsys, results_tmp):
     results.write_record("table1", _record("llama-3.2-3b", "lora", "simulated", peak_bytes=GiB))
     ran = []
 
@@ -133,10 +135,7 @@ def test_table_measures_nothing_and_writes_the_table(monkeypatch, capsys, result
     assert "| qwen-2.5-3b | best | 2048 | 1.00 | - | - | - | - | 660b8e2, - |" in table
 
 
-def test_rows_and_seq_lens_pick_the_cells(monkeypatch, results_tmp):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: 0)
+def test_rows_and_seq_lens_pick_the_cells(gpu, monkeypatch, results_tmp):
     ran = []
 
     def fake_grid(experiment, cells, executor, force=False):
