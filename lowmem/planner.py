@@ -117,8 +117,11 @@ class BudgetPlan:
 
     @property
     def fitting(self) -> list[Candidate]:
+        """Those that fit, fastest predicted first; among equal predictions the one that uses
+        more of the budget, then the coarser (bigger tiles and chunks: fewer passes, which the
+        time model does not price)."""
         fits = [c for c in self.candidates if c.whole_peak <= self.budget]
-        return sorted(fits, key=lambda c: (c.step_s, -c.whole_peak))
+        return sorted(fits, key=lambda c: (c.step_s, -c.whole_peak, -coarseness(c.cfg)))
 
     @property
     def chosen(self) -> Candidate | None:
@@ -222,6 +225,13 @@ def _evaluator(model, seq_len, batch_size, baseline, from_directory, experiment)
     evaluate = _Evaluator(name, seq_len, batch_size, base, TimeModel.fit(), experiment, from_dir)
     micro = tuple(b for b in range(1, batch_size + 1) if batch_size % b == 0)
     return evaluate, {**KNOBS, "batch_size": micro}
+
+
+def coarseness(cfg: StackConfig) -> int:
+    """How far up its ladders a configuration sits: the sum of its knobs' rungs (0 = the most
+    frugal setting of every knob)."""
+    values = cfg.to_dict()
+    return sum(ladder.index(values[k]) for k, ladder in KNOBS.items() if values[k] in ladder)
 
 
 def _config(rung: dict, ladders: dict, seq_len: int) -> StackConfig:

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from lowmem import profile_file
-from lowmem.planner import parse_bytes, plan_budget, process_baseline
+from lowmem.config import StackConfig
+from lowmem.planner import BudgetPlan, Candidate, parse_bytes, plan_budget, process_baseline
 
 SEQ_LEN = 64
 
@@ -56,6 +57,21 @@ def test_the_plan_predicts_the_cpu_meters_step_peak_and_its_run_fits_the_budget(
     again = plan_budget("tiny-llama", tight_budget, SEQ_LEN, batch_size=2, baseline=baseline)
     assert sorted((results_tmp / "raw" / "planner").iterdir()) == before
     assert again.chosen.cfg == tight.chosen.cfg
+
+
+def test_among_equal_predictions_the_plan_takes_more_memory_then_the_coarser_knobs():
+    def candidate(spec, whole):
+        cfg = StackConfig.from_flat("best", seq_len=4096, **spec)
+        return Candidate(cfg, 1, 0, whole, 0, 0, 936.0, "")
+
+    frugal = candidate({"mlp_tile": 128, "dequant_chunk": 256, "loss_chunk": 1024}, 10)
+    coarse = candidate({"mlp_tile": 1024, "cache_policy": "attention"}, 10)
+    resident = candidate({"stream_weights": False, "mlp_tile": 128}, 20)
+    too_big = candidate({"offload": "memory"}, 40)
+    plan = BudgetPlan("llama-3.2-3b", 30, 4096, 1, [frugal, coarse, too_big])
+    assert plan.chosen is coarse  # the time model does not price tiles: fewer passes win ties
+    plan.candidates.append(resident)
+    assert plan.fitting == [resident, coarse, frugal]
 
 
 def test_when_nothing_fits_the_plan_names_the_smallest_peak_and_its_terms(results_tmp):
