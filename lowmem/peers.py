@@ -75,9 +75,8 @@ class PeerConfig:
     alpha: int = 32
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     chunks: int = 8  # torchtune's default num_output_chunks
-    cce_impl: str = (
-        "torch_compile"  # "cce": the Triton kernel (CUDA, BF16 inputs: cast at the loss)
-    )
+    # "cce": CCE's Triton kernel (CUDA only; half precision, so `peer_loss` casts to BF16)
+    cce_impl: str = "torch_compile"
 
     def __post_init__(self) -> None:
         if self.peer not in PEERS:
