@@ -67,6 +67,7 @@ from functools import partial
 import torch
 
 from lowmem.architectures import Architecture
+from lowmem.attention_rows import AttentionRows
 from lowmem.models import architecture_of, base_model
 from lowmem.offload import make_store, reclaim
 from lowmem.rng import replayed_rng, saved_rng
@@ -129,6 +130,7 @@ class CheckpointedLayer:
         state: Checkpointing,
         arch: Architecture,
         mlp_first: str = "off",
+        attention_rows: int = 0,
     ) -> None:
         self.layer, self.index, self.mlp_first = layer, index, mlp_first
         self.inner_forward = layer.forward
@@ -138,6 +140,19 @@ class CheckpointedLayer:
         if state.weights is not None:
             frozen = {n: m for n, m in layer.named_modules() if isinstance(m, FrozenWeight)}
             self.weights = StreamedWeights(frozen, state.weights, f"w{index}")
+        self.rows = None  # the attention half in blocks of query rows (lowmem.attention_rows)
+        if attention_rows:
+            self.rows = AttentionRows(layer, arch.attention, attention_rows)
+            self.rows.install()
+            covered = {id(p) for p in (*self.tiles.params, *self.rows.params)}
+            other = [
+                n for n, p in layer.named_parameters() if p.requires_grad and id(p) not in covered
+            ]
+            if other:
+                raise ValueError(
+                    f"bad attention_rows={attention_rows} for a layer with trainable {other[0]} "
+                    "outside its attention, input norm and tiled MLP: must be 0"
+                )
         self.mlp_name = mlp = arch.mlp  # its streamed weights are released after its backward
         # (by a hook on the MLP input's gradient; the MLP-first backward releases them itself)
         streams_mlp = self.weights is not None and mlp_first == "off"
@@ -271,6 +286,13 @@ def _backward_mlp_first(ctx, wrapper, kwargs, params, grad_out) -> list:
     wrapper.unload_weights(f"{wrapper.mlp_name}.")  # the attention runs without them
     ours = {id(p) for p in tiles.params}
     inputs = ([hidden] if ctx.hidden_requires_grad else []) + params
+    mlp_grads = iter(mlp_grads)
+    if wrapper.rows is not None:  # its recompute is inside its backward (not in recompute_s)
+        attention = wrapper.rows.backward(hidden, grad_h, kwargs)  # dx into grad_h
+        return [
+            next(mlp_grads) if id(t) in ours else grad_h if t is hidden else attention.get(id(t))
+            for t in inputs
+        ]
     rest = [t for t in inputs if id(t) not in ours]  # the attention's parameters, the input
     grads = iter(())
     if rest:
@@ -287,7 +309,6 @@ def _backward_mlp_first(ctx, wrapper, kwargs, params, grad_out) -> list:
     state.recompute_s += time.perf_counter() - start - backward_s
     if rest:
         grads = iter(torch.autograd.grad(edge, rest, grad_h))
-    mlp_grads = iter(mlp_grads)
     return [next(mlp_grads) if id(t) in ours else next(grads) for t in inputs]
 
 
@@ -357,6 +378,7 @@ def apply_checkpoint(
     prefetch: bool = True,
     vocab_chunk: int = 0,
     mlp_first: str = "off",
+    attention_rows: int = 0,
 ) -> Checkpointing:
     """Checkpoint every decoder layer of a (peft) Hugging Face causal LM, in place.
 
@@ -370,12 +392,19 @@ def apply_checkpoint(
 
     mlp_first ("off", "recompute", "store": MLP_FIRST) runs each layer's tiled MLP backward
     before its attention is recomputed with grad (the module docstring); every layer must then
-    have a tiled MLP that feeds only the residual add.
+    have a tiled MLP that feeds only the residual add. attention_rows > 0 (with mlp_first on)
+    runs each layer's attention half in blocks of that many query rows, forward and backward
+    (`lowmem.attention_rows`); cache_policy must then be "none".
     """
     if cache_policy not in POLICIES:
         raise ValueError(f"bad cache_policy={cache_policy!r}: must be one of {tuple(POLICIES)}")
     if mlp_first not in MLP_FIRST:
         raise ValueError(f"bad mlp_first={mlp_first!r}: must be one of {MLP_FIRST}")
+    if attention_rows and (mlp_first == "off" or cache_policy != "none"):
+        raise ValueError(
+            f"bad attention_rows={attention_rows!r} with mlp_first={mlp_first!r}, "
+            f"cache_policy={cache_policy!r}: must be 0 unless mlp_first is on and nothing is cached"
+        )
     arch = architecture_of(model)
     base = base_model(model)
     layers = arch.decoder_layers(base)
@@ -391,7 +420,7 @@ def apply_checkpoint(
     weakref.finalize(base, state.close)  # files go when the model goes, or at exit
     for i, layer in enumerate(layers):
         _wrap_cached_linears(layer, i, POLICIES[cache_policy], state)
-        state.layers.append(CheckpointedLayer(layer, i, state, arch, mlp_first))
+        state.layers.append(CheckpointedLayer(layer, i, state, arch, mlp_first, attention_rows))
     if vocab_chunk and state.weights is not None:
         stream_vocab(model, state.weights, vocab_chunk)
     base.lowmem_checkpointing = state

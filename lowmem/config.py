@@ -48,6 +48,8 @@ class Profile:
     """Read layer i - 1's input and weights while layer i runs backward."""
     attention_block: Callable[[int], int] = lambda seq_len: 0
     """Tokens per query and key block of the exact block attention, from T (0 = SDPA)."""
+    attention_rows: Callable[[int], int] = lambda seq_len: 0
+    """Query rows per block of a checkpointed layer's attention half, from T (0 = whole)."""
     rope: str = "stock"
     """How RoPE runs where `KernelSettings.rope` is auto (lowmem.rope.ROPES)."""
     mlp_first: bool = False
@@ -74,9 +76,12 @@ PROFILES: dict[str, Profile] = {
 # layer's weights on the device at a time; each layer's tiled MLP runs backward first, from its
 # input kept in the store (mlp_first: with disk offload only, since in memory every layer's
 # MLP input would stay resident beside its layer input); RoPE a head at a time (lowmem.rope).
-# Block attention (lowmem.block_attention) stays off by default: on top of the MLP-first
-# backward it gains nothing at 2048 and 1.631 -> 1.508 GiB at 16384 (512-token blocks), at a
-# whole-step cost not yet measured (results/raw/block_attention/, experiments/LOG.md)
+# From 4096 tokens on the attention half of each layer runs in blocks of 512 query rows with K
+# and V whole (lowmem.attention_rows): below that the MLP holds the peak and the blocks would
+# only cost time. Block attention (lowmem.block_attention, tiles of keys too) stays off: on top
+# of the MLP-first backward it gains nothing at 2048 and 1.631 -> 1.508 GiB at 16384
+# (results/raw/block_attention/, experiments/LOG.md)
+ROWS_BLOCK, ROWS_FROM = 512, 4096
 PROFILES["best"] = Profile(
     "lowmem best (exact loss)",
     ("lora", "quantize", "checkpoint", "logits_mask", "fused_loss", "fused_norm"),
@@ -84,6 +89,7 @@ PROFILES["best"] = Profile(
     mlp_tile=256,
     prefetch=False,
     attention_block=lambda seq_len: 0,
+    attention_rows=lambda seq_len: ROWS_BLOCK if seq_len >= ROWS_FROM else 0,
     rope="per_head",
     mlp_first=True,
 )
@@ -111,7 +117,7 @@ class Techniques:
         for name, section in SECTIONS.items():
             value = getattr(self, name)
             check(isinstance(value, section), name, value, f"a lowmem.{section.__name__}")
-        tile = self.kernels.mlp_tile if self.kernels.mlp_tile >= 0 else self.profile.mlp_tile
+        tile = self._mlp_tile()
         policy = self.checkpoint.cache_policy
         blocks = self._attention_block(getattr(self, "seq_len", AUTO_SEQ_LEN))
         check(
@@ -126,6 +132,21 @@ class Techniques:
             self.checkpoint.mlp_first,
             "auto or off unless the row checkpoints and mlp_tile > 0 (the MLP-first backward is "
             "a checkpointed layer's, with its MLP tiled)",
+        )
+        rows = self._attention_rows(getattr(self, "seq_len", AUTO_SEQ_LEN), tile)
+        check(
+            not rows or (self._mlp_first(tile) != "off" and policy == "none" and not blocks),
+            "attention_rows",
+            self.kernels.attention_rows,
+            "0 or auto unless the MLP-first backward is on (a checkpointed row with mlp_tile > 0 "
+            "and disk offload, or mlp_first=store/recompute), cache_policy=none and "
+            "attention_block=0",
+        )
+        check(
+            not (rows and self.kernels.gqa == "repeat_kv"),
+            "gqa",
+            self.kernels.gqa,
+            "auto or native with attention_rows (it groups the heads in the kernel)",
         )
         check(
             not (tile and policy in ("mlp", "all_linear")),
@@ -192,6 +213,26 @@ class Techniques:
         block = self.kernels.attention_block
         return block if block >= 0 else self.profile.attention_block(seq_len)
 
+    def _mlp_tile(self) -> int:
+        return self.kernels.mlp_tile if self.kernels.mlp_tile >= 0 else self.profile.mlp_tile
+
+    def _mlp_first(self, tile: int) -> str:
+        """What checkpoint.mlp_first resolves to, given the resolved MLP tile."""
+        first = self.checkpoint.mlp_first
+        if first == "auto":
+            on = self.profile.mlp_first and tile > 0 and self.checkpoint.offload == "disk"
+            first = "store" if on else "off"
+        return first
+
+    def _attention_rows(self, seq_len: int, tile: int) -> int:
+        """Explicit, or the profile's where the row can run it (auto never refuses)."""
+        rows = self.kernels.attention_rows
+        if rows >= 0:
+            return rows
+        fits = self._mlp_first(tile) != "off" and self.checkpoint.cache_policy == "none"
+        fits = fits and not self._attention_block(seq_len) and self.kernels.gqa != "repeat_kv"
+        return self.profile.attention_rows(seq_len) if fits else 0
+
     def enabled(self, technique: str) -> bool:
         """Whether `technique` is on in this row (PROFILES)."""
         return technique in self.profile.techniques
@@ -203,22 +244,21 @@ class Techniques:
         seq_len = seq_len or getattr(self, "seq_len", AUTO_SEQ_LEN)
         k, c, profile = self.kernels, self.checkpoint, self.profile
         block = self._attention_block(seq_len)
-        gqa = "native" if self.enabled("quantize") or block else "repeat_kv"
+        rows = self._attention_rows(seq_len, self._mlp_tile())
+        gqa = "native" if self.enabled("quantize") or block or rows else "repeat_kv"
         kernels = dataclasses.replace(
             k,
             dequant_chunk=k.dequant_chunk
             if k.dequant_chunk >= 0
             else profile.dequant_rows(seq_len),
-            mlp_tile=k.mlp_tile if k.mlp_tile >= 0 else profile.mlp_tile,
+            mlp_tile=self._mlp_tile(),
             gqa=k.gqa if k.gqa != "auto" else gqa,
             attention_block=block,
+            attention_rows=rows,
             rope=k.rope if k.rope != "auto" else profile.rope,
         )
         prefetch = c.offload_prefetch if c.offload_prefetch >= 0 else int(profile.prefetch)
-        first = c.mlp_first
-        if first == "auto":
-            on = profile.mlp_first and kernels.mlp_tile > 0 and c.offload == "disk"
-            first = "store" if on else "off"
+        first = self._mlp_first(kernels.mlp_tile)
         checkpoint = dataclasses.replace(c, offload_prefetch=prefetch, mlp_first=first)
         return dataclasses.replace(self, kernels=kernels, checkpoint=checkpoint)
 

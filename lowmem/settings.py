@@ -198,6 +198,10 @@ class KernelSettings:
     attention_block: int = -1
     """Tokens per query (and key) block of the exact block attention (lowmem.block_attention):
     0 = SDPA, -1 = auto (SDPA in every row for now; experiments/LOG.md)."""
+    attention_rows: int = -1
+    """Query rows per block of a checkpointed layer's attention half, forward and backward
+    (lowmem.attention_rows: K and V whole, everything else a block at a time): 0 = off, -1 =
+    auto (best from 4096 tokens on; off in the paper rows). Needs the MLP-first backward."""
     rope: str = "auto"
     """Rotary position embedding: "stock" (transformers' whole-tensor ops), "per_head" (a head
     at a time, same values; lowmem.rope), "auto" (per_head in best, stock in the paper rows)."""
@@ -207,6 +211,7 @@ class KernelSettings:
         check(self.dequant_chunk >= -1, "dequant_chunk", self.dequant_chunk, ">= -1")
         check(self.mlp_tile >= -1, "mlp_tile", self.mlp_tile, ">= -1")
         check(self.attention_block >= -1, "attention_block", self.attention_block, ">= -1")
+        check(self.attention_rows >= -1, "attention_rows", self.attention_rows, ">= -1")
         _positive(self, "loss_chunk")
         _one_of(self, "gqa", GQA_MODES)
         _one_of(self, "rope", ("auto", *ROPES))

@@ -132,6 +132,7 @@ def apply_after_quantize(model: torch.nn.Module, cfg: Techniques, meter: str) ->
             bool(cfg.checkpoint.offload_prefetch),
             cfg.kernels.loss_chunk if cfg.enabled("fused_loss") else 0,
             cfg.checkpoint.mlp_first,
+            cfg.kernels.attention_rows,
         )
     return model
 
