@@ -24,10 +24,23 @@ first blocks of the train split) go through the FP32 model once, as one batch, b
 quantized. A forward pre-hook on every decoder linear adds x^T x of its input to H (linears fed
 the same tensor, q/k/v and gate/up, share one H); when a decoder layer's forward returns, its
 H are complete, so its linears are quantized there and their H freed: at most one layer's H
-are alive (Llama-3.2 3B: 3 x 3072^2 + 8192^2 FP32 = 0.36 GiB; SmolLM2-135M: 13 MiB). Every
-layer sees the FP32 model's activations, not those of the layers quantized before it (the
-paper's sequential variant feeds quantized outputs forward; this is simpler and needs no second
-pass). The embedding / LM head stay round-to-nearest (the tied table is also a lookup).
+are alive (Llama-3.2 3B: 3 x 3072^2 + 8192^2 FP32 = 0.36 GiB; SmolLM2-135M: 13 MiB). The
+forward stops before the LM head (no B x T x V logits), so the calibration set is bounded by
+activations only (SmolLM2-135M at 32768 tokens: ~0.2 GiB for the MLP's widest tensor). By
+default every layer sees the FP32 model's activations. `sequential` (the GPTQ paper's own
+order, section 4, "Step 3"): when a decoder layer's H are complete and its linears quantized,
+the layer runs again on the same input with its weights replaced by the dequantized codes, and
+that output goes on to the next layer; so each layer is calibrated on what the quantized model
+feeds it and compensates the error of the layers before it (one more layer forward each; the
+FP32 weights are restored, LoftQ and round-to-nearest still read them). The embedding / LM head
+stay round-to-nearest (the tied table is also a lookup).
+
+`act_order` (GPTQ's "act-order" / desc_act, with AutoGPTQ's "static groups"): the columns are
+walked in descending diag(H) order, so the inputs with the most energy are quantized while the
+most columns remain to absorb their error. Every group's scale is fixed beforehand from the
+FP32 weight (absmax of its own 32 columns), so a group's codes still share one scale and the
+stored format, and its dequantization, are unchanged (no permutation index is stored: codes
+are written back in the original column order).
 
 Cost: O(D_out D_in^2 / 128) per layer plus one Cholesky of D_in x D_in; SmolLM2-135M quantizes
 in a few seconds on 2 cores.
@@ -38,7 +51,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.models import base_model
-from lowmem.quantize import NF4, QuantizedWeight, check_format, nf4_codes
+from lowmem.quantize import NF4, QuantizedWeight, check_format, dequantize, nf4_codes
 
 DAMP = 0.01  # of mean(diag H), added to the diagonal
 BLOCK = 128  # columns per lazy-update block
@@ -81,24 +94,34 @@ def gptq_quantize(
     bits: int = 4,
     group_size: int = 32,
     codebook: str = "int",
+    act_order: bool = False,
 ) -> QuantizedWeight:
     """GPTQ codes of a D_out x D_in weight for inputs with Gram matrix `hessian` (X^T X,
-    D_in x D_in), in the symmetric `lowmem.quantize` format (INT or NF4, FP32 scale per group)."""
+    D_in x D_in), in the symmetric `lowmem.quantize` format (INT or NF4, FP32 scale per group).
+    `act_order`: columns in descending diag(H) order, group scales fixed beforehand from the
+    weight (static groups; see the module docstring)."""
     group = check_format(tuple(weight.shape), bits, group_size, codebook)
     d_out, d_in = weight.shape
-    u, dead = damped_inverse_factor(hessian)
     w = weight.detach().float().clone()
-    w[:, dead] = 0
-    codes = torch.empty(d_out, d_in, dtype=torch.uint8)
+    w[:, torch.diag(hessian) == 0] = 0  # dead inputs (damped_inverse_factor)
     scales = torch.empty(d_out, d_in // group)
+    order = torch.arange(d_in)
+    if act_order:
+        for g in range(d_in // group):
+            scales[:, g] = group_scale(w[:, g * group : (g + 1) * group], bits, codebook)
+        order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
+        w, hessian = w[:, order], hessian[order][:, order]
+    u, _ = damped_inverse_factor(hessian)
+    codes = torch.empty(d_out, d_in, dtype=torch.uint8)
     for a in range(0, d_in, BLOCK):
         b = min(a + BLOCK, d_in)
         err = torch.empty(d_out, b - a)
         for i in range(a, b):
-            if i % group == 0:
-                scales[:, i // group] = group_scale(w[:, i : i + group], bits, codebook)
-            code, value = quantize_columns(w[:, i : i + 1], scales[:, i // group], bits, codebook)
-            codes[:, i] = code[:, 0]
+            g = int(order[i]) // group  # column i of the walk is column order[i] of W
+            if not act_order and i % group == 0:
+                scales[:, g] = group_scale(w[:, i : i + group], bits, codebook)
+            code, value = quantize_columns(w[:, i : i + 1], scales[:, g], bits, codebook)
+            codes[:, order[i]] = code[:, 0]
             e = (w[:, i] - value[:, 0]) / u[i, i]
             w[:, i + 1 : b] -= e[:, None] * u[i, i + 1 : b][None, :]
             err[:, i - a] = e
@@ -133,10 +156,13 @@ def calibrate(
     bits: int = 4,
     group_size: int = 32,
     codebook: str = "int",
+    sequential: bool = False,
+    act_order: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """{parameter name (stock, without peft's `.base_layer`): GPTQ weight} of every decoder
     linear of the FP32 `model` (plain or peft, adapters not yet trained), from one forward of
-    `ids` (B x T); see the module docstring for how the activations are gathered."""
+    `ids` (B x T) through the decoder (no LM head); see the module docstring for how the
+    activations are gathered and what `sequential` changes. The model's weights are unchanged."""
     base = base_model(model)
     names = {id(p): n.replace(".base_layer", "") for n, p in base.named_parameters()}
     out: dict[str, QuantizedWeight] = {}
@@ -146,6 +172,7 @@ def calibrate(
         # tensor until the layer ends keeps its address from being reused by a later input
         grams: list[tuple[torch.Tensor, torch.Tensor]] = []
         inputs: dict[str, tuple[torch.nn.Linear, int]] = {}
+        mine: list = []  # this layer's hooks, removed when it finishes
 
         def gather(module, args, grams=grams, inputs=inputs):
             k = next((k for k, (t, _) in enumerate(grams) if t is args[0]), len(grams))
@@ -154,19 +181,41 @@ def calibrate(
                 grams.append((args[0], x.T @ x))
             inputs[names[id(module.weight)]] = (module, k)
 
-        def finish(layer, args, output, grams=grams, inputs=inputs):
+        def finish(layer, args, kwargs, output, grams=grams, inputs=inputs, mine=mine):
+            for h in mine:
+                h.remove()
             for name, (module, k) in inputs.items():
-                out[name] = gptq_quantize(module.weight, grams[k][1], bits, group_size, codebook)
+                h = grams[k][1]
+                out[name] = gptq_quantize(module.weight, h, bits, group_size, codebook, act_order)
+            modules = {name: module for name, (module, _) in inputs.items()}
             grams.clear()
             inputs.clear()
+            if sequential:  # the next layer sees this layer's output with its weights quantized
+                return run_dequantized(layer, args, kwargs, modules, out)
+            return None
 
         for name, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear) and ".lora_" not in f".{name}":
-                hooks.append(module.register_forward_pre_hook(gather))
-        hooks.append(layer.register_forward_hook(finish))
+                mine.append(module.register_forward_pre_hook(gather))
+        mine.append(layer.register_forward_hook(finish, with_kwargs=True))
+        hooks += mine
     try:
-        model(input_ids=ids.to(next(base.parameters()).device))
+        device = next(base.parameters()).device
+        base.model(input_ids=ids.to(device), use_cache=False)  # no cache: a layer may run twice
     finally:
         for h in hooks:
             h.remove()
     return out
+
+
+def run_dequantized(layer, args, kwargs, modules: dict, codes: dict[str, QuantizedWeight]):
+    """`layer`'s output on the same inputs with the named linears' weights replaced by their
+    dequantized codes (restored afterwards)."""
+    kept = {name: m.weight.data for name, m in modules.items()}
+    try:
+        for name, m in modules.items():
+            m.weight.data = dequantize(codes[name]).to(m.weight.dtype)
+        return layer(*args, **kwargs)
+    finally:
+        for name, m in modules.items():
+            m.weight.data = kept[name]

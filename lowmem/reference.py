@@ -66,27 +66,48 @@ def nf4_round_trip(weight: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def gptq_round_trip(
-    weight: torch.Tensor, x: torch.Tensor, bits: int, group: int, damp: float = 0.01
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    bits: int,
+    group: int,
+    damp: float = 0.01,
+    act_order: bool = False,
 ) -> torch.Tensor:
     """GPTQ (arXiv 2210.17323) in its textbook form, in float64, symmetric INT codes: quantize
     column i (group scale absmax / (2^(b-1) - 1) taken when its group starts), then move the
     remaining columns by the optimal-brain-surgeon update -err_i H^-1[i, j] / H^-1[i, i] and
-    remove column i from H^-1 by one Gaussian elimination step. Returns the dequantized W."""
+    remove column i from H^-1 by one Gaussian elimination step. Returns the dequantized W.
+    `act_order`: every group's scale taken from W first, then the same walk over the columns
+    permuted by descending diag(H) (each column keeps its own group's scale), undone at the end.
+    """
+    qmax = 2 ** (bits - 1) - 1
+
+    def absmax_scale(block: torch.Tensor) -> torch.Tensor:
+        scale = block.abs().amax(dim=1) / qmax
+        return torch.where(scale > 0, scale, torch.ones_like(scale))
+
     w = weight.double().clone()
     h = x.double().T @ x.double()
     h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    perm = torch.arange(w.shape[1])
+    if act_order:
+        static = [absmax_scale(w[:, g : g + group]) for g in range(0, w.shape[1], group)]
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        w, h = w[:, perm], h[perm][:, perm]
     h_inv = torch.linalg.inv(h)
-    qmax = 2 ** (bits - 1) - 1
     q = torch.zeros_like(w)
     for i in range(w.shape[1]):
-        if i % group == 0:
-            scale = w[:, i : i + group].abs().amax(dim=1) / qmax
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        if act_order:
+            scale = static[int(perm[i]) // group]
+        elif i % group == 0:
+            scale = absmax_scale(w[:, i : i + group])
         q[:, i] = torch.clamp(torch.round(w[:, i] / scale), -qmax - 1, qmax) * scale
         err = (w[:, i] - q[:, i]) / h_inv[i, i]
         w[:, i:] -= err[:, None] * h_inv[i, i:][None, :]
         h_inv = h_inv - h_inv[:, i : i + 1] @ h_inv[i : i + 1, :] / h_inv[i, i]
-    return q.float()
+    out = torch.empty_like(q)
+    out[:, perm] = q
+    return out.float()
 
 
 def loftq_residual(weight: torch.Tensor, deq: torch.Tensor, r: int) -> torch.Tensor:

@@ -77,6 +77,12 @@ class QuantSettings:
     (error-compensating, from calibration activations; lowmem.gptq). Same format either way."""
     calib_tokens: int = 512
     """Calibration tokens of the training text for method gptq (lowmem.gptq.calibration_ids)."""
+    gptq_sequential: bool = False
+    """Method gptq: each decoder layer calibrated on the outputs of the layers before it with
+    their weights quantized (True), or on the FP32 model's activations (False). Same format."""
+    gptq_act_order: bool = False
+    """Method gptq: quantize columns in descending diag(X^T X) order, group scales fixed from the
+    FP32 weight beforehand (static groups). Same format."""
     loftq_iters: int = 0
     """LoftQ-style adapter init (lowmem.loftq): 0 = off (peft's init, B = 0), n = alternating
     quantize / SVD steps that make base + adapter approximate the FP32 weight."""
@@ -92,6 +98,14 @@ class QuantSettings:
         _one_of(self, "codebook", CODEBOOKS)
         _one_of(self, "method", QUANT_METHODS)
         _positive(self, "calib_tokens")
+        for name in ("gptq_sequential", "gptq_act_order"):
+            value = getattr(self, name)
+            check(
+                not value or self.method == "gptq",
+                f"quant_{name}",
+                value,
+                f"false unless quant_method=gptq (quant_method={self.method!r})",
+            )
         check(self.loftq_iters >= 0, "quant_loftq_iters", self.loftq_iters, ">= 0 (0 = off)")
         check(self.vocab_bits in (0, *BITS), "quant_vocab_bits", self.vocab_bits, "0, 4 or 8")
         nf4_ok = self.codebook == "int" or (self.bits == 4 and self.symmetric)

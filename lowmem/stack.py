@@ -88,7 +88,16 @@ def chosen_codes(model, q, meter: str, calibration: torch.Tensor | None) -> dict
             )
         from lowmem.gptq import calibrate
 
-        chosen.update(calibrate(model, calibration, q.bits, q.group_size, q.codebook))
+        codes = calibrate(
+            model,
+            calibration,
+            q.bits,
+            q.group_size,
+            q.codebook,
+            q.gptq_sequential,
+            q.gptq_act_order,
+        )
+        chosen.update(codes)
     if q.loftq_iters:
         from lowmem.loftq import apply_loftq
 

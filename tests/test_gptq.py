@@ -81,3 +81,72 @@ def test_gptq_in_the_stack_needs_calibration_and_keeps_the_step():
     loss = model(**benchmark_batch(cfg, model.config.vocab_size)).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_act_order_equals_the_textbook_reference_and_keeps_the_format():
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3))
+    x = calibration_inputs() * torch.linspace(0.2, 3.0, 256)  # diag(H) far from sorted
+    h = x.T @ x
+    assert not torch.equal(torch.argsort(torch.diag(h), descending=True), torch.arange(256))
+    ordered = gptq_quantize(w, h, 4, 32, act_order=True)
+    ref = gptq_round_trip(w, x, 4, 32, act_order=True)
+    assert float((dequantize(ordered) - ref).norm() / ref.norm()) < 1e-5
+    natural = gptq_quantize(w, h, 4, 32)
+    assert ordered.codes.shape == natural.codes.shape and ordered.nbytes == natural.nbytes
+    assert not torch.equal(ordered.codes, natural.codes)
+    # static groups: every scale is the FP32 weight's own group absmax / 7
+    assert torch.allclose(ordered.scales, w.reshape(48, 8, 32).abs().amax(-1) / 7)
+
+
+def test_sequential_calibration_feeds_each_layer_the_quantized_layers_before_it():
+    from lowmem.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny-llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    seq = calibrate(model, ids, sequential=True)
+    fp32_fed = calibrate(model, ids)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored
+    name = "model.layers.0.self_attn.q_proj.weight"  # layer 0 sees the embeddings either way
+    assert torch.equal(seq[name].codes, fp32_fed[name].codes)
+    # the plain computation: layer 0 replaced by its dequantized codes, layer 1's inputs taken
+    layer0 = model.model.layers[0]
+    with torch.no_grad():
+        for n, m in layer0.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(dequantize(seq[f"model.layers.0.{n}.weight"]))
+    seen = {}
+    layer1 = model.model.layers[1]
+
+    def keep(name):
+        def hook(module, args):
+            seen[name] = args[0].reshape(-1, args[0].shape[-1])
+
+        return hook
+
+    hooks = [
+        layer1.get_submodule(n).register_forward_pre_hook(keep(n))
+        for n in ("self_attn.q_proj", "mlp.gate_proj")
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for n, x in seen.items():
+        w, got = layer1.get_submodule(n).weight, f"model.layers.1.{n}.weight"
+        ref = gptq_round_trip(w, x, 4, 32)
+        assert float((dequantize(seq[got]) - ref).norm() / ref.norm()) < 1e-5
+        assert not torch.equal(seq[got].codes, fp32_fed[got].codes)
+
+
+@pytest.mark.parametrize("field", ["quant_gptq_sequential", "quant_gptq_act_order"])
+def test_gptq_only_options_are_refused_without_gptq(field):
+    from lowmem.config import StackConfig
+
+    with pytest.raises(ValueError, match=f"bad {field}=True: must be false unless quant_method"):
+        StackConfig.from_flat("quantize", **{field: True})
+    assert getattr(
+        StackConfig.from_flat("quantize", quant_method="gptq", **{field: True}).quant,
+        field.removeprefix("quant_"),
+    )

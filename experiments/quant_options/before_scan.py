@@ -1,0 +1,136 @@
+"""Held-out loss of each quantized base BEFORE training, as the quality protocol builds it.
+
+    python experiments/quant_options/before_scan.py [--options a,b] [--tasks sharegpt]
+    python experiments/quant_options/before_scan.py --table   # the Markdown table only
+
+The quality protocol (`lowmem.quality`) trains 200 steps per row; after training the gap to
+FP32 LoRA was about 0.63x the gap before it (ShareGPT, seed 0: best_chosen 0.201 -> 0.127,
+int4 0.337 -> 0.189). So the held-out loss of the quantized base with the untrained adapter
+ranks the options in a few minutes each instead of 30. Each option is built exactly as a
+quality run builds its row (`lowmem.quality.spec_config`, `lowmem.train.training_model` with
+the task's training split for calibration, seed 0) and evaluated as the run's step-0
+evaluation is (`lowmem.step.evaluate`, the protocol's batches). One record per (task, option):
+results/raw/quant_options/<task>__<option>__before.json (skipped when it exists, unless
+--force). No memory is metered here (meter "none"); the timings are the process's wall clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from lowmem import results
+from lowmem.data import load_task
+from lowmem.models import load_tokenizer
+from lowmem.quality import ROWS, TASKS, Protocol, spec_config
+from lowmem.step import evaluate
+from lowmem.train import training_model
+
+EXPERIMENT = "quant_options"
+V1 = "best:quant_codebook=nf4,quant_vocab_bits=8,quant_method=gptq,quant_loftq_iters"
+SEQ_ACT = V1 + "=1,quant_calib_tokens=8192,quant_gptq_sequential=true,quant_gptq_act_order=true"
+OPTIONS = {  # name -> stack spec; "fp32" is the reference every gap is taken against
+    "fp32": ROWS["lora"],
+    "int4": ROWS["int4"],
+    "best_chosen_v1": ROWS["best_chosen_v1"],  # = V1 + "=1" (512 calibration tokens)
+    "calib2048": V1 + "=1,quant_calib_tokens=2048",
+    "calib8192": V1 + "=1,quant_calib_tokens=8192",
+    "calib32768": V1 + "=1,quant_calib_tokens=32768",
+    "calib8192_seq": V1 + "=1,quant_calib_tokens=8192,quant_gptq_sequential=true",
+    "calib8192_seq_act": SEQ_ACT,
+    "calib8192_seq_act_loftq0": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0"),
+    "calib8192_seq_act_loftq5": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=5"),
+}
+REFERENCE = "fp32"
+
+
+def run_id(task: str, option: str) -> str:
+    return f"{task}__{option}__before"
+
+
+def scan_one(task, task_name: str, option: str, protocol: Protocol) -> dict:
+    """Build `option` on `task` as a seed-0 quality run would and evaluate it untrained."""
+    cfg = spec_config(OPTIONS[option], protocol, seed=0)
+    start = time.perf_counter()
+    with training_model(protocol.model, cfg.stack, init="pretrained", train_ds=task.train) as m:
+        built = time.perf_counter()
+        loss = evaluate(m, cfg.stack, task.test, protocol.batch_size, protocol.eval_batches)
+    done = time.perf_counter()
+    record = {
+        "run_id": run_id(task_name, option),
+        "status": "ok",
+        "model": protocol.model,
+        "task": task_name,
+        "option": option,
+        "spec": OPTIONS[option],
+        "protocol": {k: v for k, v in vars(protocol).items() if k != "seeds"},
+        "config": cfg.stack.to_dict(),
+        "meter": "none",
+        "device": "cpu",
+        "metrics": {
+            "eval_loss_before": loss,
+            "build_s": round(built - start, 1),
+            "eval_s": round(done - built, 1),
+        },
+        "environment": results.environment(),
+    }
+    results.write_record(EXPERIMENT, record)
+    return record
+
+
+def table(tasks=TASKS) -> str:
+    """Markdown: held-out loss before training and the gap to fp32, per option and task."""
+    loaded = {}
+    for task in tasks:
+        for option in OPTIONS:
+            path = results.record_path(EXPERIMENT, run_id(task, option))
+            if path.exists():
+                loaded[task, option] = json.loads(path.read_text())["metrics"]
+    head = "| option | " + " | ".join(f"{t} loss | {t} gap" for t in tasks) + " | build s |"
+    lines = [head, "|" + "---|" * (2 * len(tasks) + 2)]
+    for option in OPTIONS:
+        cells, build = [], []
+        for task in tasks:
+            got, ref = loaded.get((task, option)), loaded.get((task, REFERENCE))
+            loss = got["eval_loss_before"] if got else None
+            gap = loss - ref["eval_loss_before"] if got and ref else None
+            cells += [f"{loss:.4f}" if got else "-", f"{gap:+.4f}" if gap is not None else "-"]
+            build += [f"{got['build_s']:.0f}"] if got else []
+        if any(c != "-" for c in cells):
+            lines.append(f"| {option} | " + " | ".join(cells) + f" | {' / '.join(build)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the table and stop")
+    args = parser.parse_args()
+    tasks, options = args.tasks.split(","), args.options.split(",")
+    unknown = sorted(set(options) - set(OPTIONS)) + sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise SystemExit(f"unknown option/task {unknown[0]!r}: options {', '.join(OPTIONS)}")
+    if not args.table:
+        protocol, tokenizer = Protocol(), load_tokenizer(Protocol().model)
+        for task_name in tasks:
+            limit = protocol.limit if task_name == "sharegpt" else protocol.plays or None
+            task = load_task(task_name, tokenizer, protocol.seq_len, limit=limit, seed=0)
+            for option in options:
+                if results.record_path(EXPERIMENT, run_id(task_name, option)).exists():
+                    if not args.force:
+                        continue
+                rec = scan_one(task, task_name, option, protocol)
+                m = rec["metrics"]
+                print(
+                    f"{task_name} {option}: {m['eval_loss_before']:.4f} "
+                    f"(build {m['build_s']} s, eval {m['eval_s']} s)",
+                    flush=True,
+                )
+    print(table(tasks))
+
+
+if __name__ == "__main__":
+    main()
