@@ -10,7 +10,7 @@ are needed whole: a query row's output depends on its own row of n and on K, V. 
 
     forward (no grad):  K, V from n a block of rows at a time; then for each block of `rows`
                         query rows: q = rope(q_proj(n_b)), o = SDPA(q, K[:e], V[:e]) with the
-                        block's causal (or given) mask, out_b = o_proj(o);
+                        block's causal (or given) mask, and o_proj(o) written over n_b;
     backward:           K, V again, rows at a time, from x (norm inside); dK, dV zeros; for
                         each query block: norm, q, attention and o_proj of its rows recomputed
                         with grad against K[:e], V[:e] as leaves, back-propagated from dh_b:
@@ -105,16 +105,15 @@ class AttentionRows:
         return self.attn.o_proj(o.transpose(1, 2).reshape(*n.shape[:-1], -1))
 
     def forward(self, n: torch.Tensor, position_embeddings, attention_mask) -> torch.Tensor:
-        """The attention module's output for normed input n, block by block (no graph)."""
+        """The attention module's output for normed input n, block by block (no graph),
+        written over n: once K and V are made, a block's rows of n are read by its own query
+        projection only (the decoder layer reads n nowhere else)."""
         cos, sin = position_embeddings
         k, v = self.keys_values(n, cos, sin, normed=True)
-        out = None
         for s, e in self.blocks(n.shape[1]):
             y = self.query_block(n[:, s:e], k, v, cos, sin, attention_mask, s, e, normed=True)
-            if out is None:
-                out = y.new_empty(*n.shape[:-1], y.shape[-1])
-            out[:, s:e] = y
-        return out
+            n[:, s:e] = y
+        return n
 
     def backward(self, x: torch.Tensor, dh: torch.Tensor, kwargs: dict) -> dict:
         """Gradients of h = x + attention(norm(x)) given dh = dL/dh: dx is written into dh's

@@ -44,7 +44,10 @@ any recompute, and dh = g + J_mlp(h)^T g needs only h and g. With a tiled MLP
        propagate dh from h.
 
 Phase 1 holds h and g / dh (and x with "recompute"); phase 2 holds what the attention's
-backward held before, less one T x D (dh is g). Loss and gradients are bit-identical (the
+backward held before, less one T x D (dh is g). With `attention_rows` (best from 4096 tokens)
+phase 2 is `lowmem.attention_rows`: the attention half recomputed and back-propagated a block
+of query rows at a time, K and V whole, dx written into dh's buffer, and the layer's forward
+runs its attention in the same blocks. Loss and gradients are bit-identical (the
 same sums in the same order). Llama-3.2 3B, best, simulated: 0.256 -> 0.190 GiB at 1024
 tokens, 0.347 -> 0.258 at 2048 (0.248 with `lowmem.rope`'s per-head RoPE, the forward then
 holding the peak), 0.933 -> 0.840 at 8192 (experiments/LOG.md, session 8).

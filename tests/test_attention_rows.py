@@ -72,7 +72,7 @@ def test_the_blocked_forward_equals_the_module(model_name):
         whole, _ = layer.self_attn(x, emb, None)
         rows = AttentionRows(layer, "self_attn", 8)
         rows.install()
-        blocked, _ = layer.self_attn(x, emb, None)
+        blocked, _ = layer.self_attn(x.clone(), emb, None)  # written over its input
         short, _ = layer.self_attn(x[:, :8], tuple(e[:, :8] for e in emb), None)
     _close(blocked, whole, "output")
     _close(short, whole[:, :8], "one block: the module's own forward")
