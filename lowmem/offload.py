@@ -168,13 +168,16 @@ class DiskStore:
         self._writes[key] = done
 
     def prefetch(self, key: str) -> None:
+        self._start_read(key, self.async_writes)
+
+    def _start_read(self, key: str, background: bool) -> None:
         if key in self._reads or key not in self._writes:
             return
         write = self._writes[key]
         self._wait(write)  # a read can only start once its file is complete
         header, offset = _read_header(self._path(key))
         entry = {k: torch.empty(v["shape"], dtype=_DTYPES[v["dtype"]]) for k, v in header.items()}
-        if self.async_writes:
+        if background:
             read = self._pool.submit(_fill, self._path(key), header, offset, entry)
         else:
             _fill(self._path(key), header, offset, entry)
@@ -185,7 +188,9 @@ class DiskStore:
     def get(self, key: str, keep: bool = False) -> Entry:
         if key not in self._writes:
             raise KeyError(f"no entry {key!r} in the offload store {self.dir}")
-        self.prefetch(key)
+        # not prefetched: read on this thread, which would only wait for the writer's thread
+        # (the same buffers, without a hand-off: best reads every entry this way)
+        self._start_read(key, background=False)
         entry, read = self._reads.pop(key)
         self._wait(read)
         self.stats["bytes_read"] += _nbytes(entry)
