@@ -23,8 +23,8 @@ T x D values are freed before that backward starts (autograd runs from its graph
 tiled MLP does not compute them at all (the layer's tiles, `lowmem.tiled_mlp`, are told so
 for the recompute). A layer's MLP weights are released as soon as the MLP's backward is done:
 the attention backward that follows runs without them (45 MiB of INT4 codes and scales on
-Llama); with the MLP-first backward (best) the forward's attention weights go once the
-attention has run (the MLP runs without them).
+Llama); with the MLP-first backward (best) the forward releases the attention's weights once
+the attention has run, and the MLP's before the layer's last residual add.
 Weights move only through `lowmem.weights.StreamedWeights` (one store entry a layer).
 
 The MLP's backward first (`mlp_first`, beyond the paper; best with disk offload). A decoder
@@ -163,9 +163,10 @@ class CheckpointedLayer:
         streams_mlp = self.weights is not None and mlp_first == "off"
         if streams_mlp and any(n.startswith(f"{mlp}.") for n in self.weights.weights):
             layer.get_submodule(mlp).register_forward_pre_hook(self._release_mlp_after_its_backward)
-        self.attention_name = arch.attention  # its weights go once the forward's attention ran
         if self.weights is not None and mlp_first != "off":  # (best; the paper rows keep them)
-            layer.get_submodule(arch.attention).register_forward_hook(self._release_attention)
+            for part in (arch.attention, mlp):  # each part's weights go once its forward ran
+                hook = partial(self._release_after_forward, f"{part}.")
+                layer.get_submodule(part).register_forward_hook(hook)
         layer.forward = self.forward
         layer.lowmem_checkpoint = self
 
@@ -185,11 +186,11 @@ class CheckpointedLayer:
         """For the recompute: its tiled MLP need not compute values nobody reads."""
         return contextlib.nullcontext() if self.tiles is None else self.tiles.values_unused()
 
-    def _release_attention(self, attention, args, output) -> None:
-        # the checkpointed forward runs the MLP next, without them (q, k, v, o: 16 MiB of
-        # INT4 codes and scales on Llama-3.2 3B); a recompute keeps them for its backward
+    def _release_after_forward(self, prefix: str, module, args, output) -> None:
+        # in the checkpointed forward nothing after a part reads its weights (Llama-3.2 3B:
+        # 16 MiB for q, k, v, o, 45 MiB for the MLP); a recompute keeps them for its backward
         if self._state().mode == "record":
-            self.unload_weights(f"{self.attention_name}.")
+            self.unload_weights(prefix)
 
     def _release_mlp_after_its_backward(self, mlp, args) -> None:
         # the MLP input's gradient is complete once every MLP node has run backward
