@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -49,3 +50,14 @@ def smollm2_best():
     return SimpleNamespace(
         rows=rows, tokenizer=tokenizer, own_peak=own_peak, trainable=trainable, model=model
     )
+
+
+@pytest.fixture(params=["left", "right"])
+def padded_batch(request) -> dict:
+    """Two 12-token sequences for tiny models, the second padded on one side (5 tokens)."""
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, slice(0, 5) if request.param == "left" else slice(7, 12)] = 0
+    batch = {"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100), "attention_mask": mask}
+    batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return batch
