@@ -32,7 +32,10 @@ for k, v in err["held_out_loss"].items():
     print(f"| {k} | {v:.4f} | {v - err['held_out_loss']['fp32']:+.4f} |")
 print("\n| T | best today (B) | best, chosen options (B) | diff | weights read per step |")
 print("|---|---|---|---|---|")
-chosen = "__quant_codebook=nf4__quant_method=gptq__quant_loftq_iters=1__quant_vocab_bits=8"
+chosen = (  # quality.ROWS["best_chosen"], session 10 (measure_3b.sh)
+    "__quant_codebook=nf4__quant_method=gptq__quant_calib_tokens=8192"
+    "__quant_gptq_sequential=True__quant_gptq_act_order=True__quant_vocab_bits=8"
+)
 for t in (1024, 2048, 4096, 8192, 16384):
     name = f"llama-3.2-3b__best__T{t}__simulated"
     today = RAW / "quant_options" / f"{name}.json"
