@@ -194,6 +194,10 @@ def _expand_nf4(codes, scales, group: int) -> torch.Tensor:
 
 def _expand_codes(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
     n_rows = codes.shape[0]
+    if bits == 4 and zeros is None:
+        w = _expand_int4_symmetric(codes)
+        w.view(n_rows, -1, group).mul_(scales[..., None])
+        return w
     if bits == 4:  # each nibble written straight into the FP32 buffer (one half-size temporary)
         w = torch.empty(*codes.shape, 2, dtype=torch.float32, device=codes.device)
         w[..., 0] = codes & 0x0F
@@ -204,3 +208,30 @@ def _expand_codes(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
     w.sub_(zeros[..., None] if zeros is not None else 2 ** (bits - 1))
     w.mul_(scales[..., None])
     return w.reshape(n_rows, -1)
+
+
+# A code byte c = lo + 16 hi (after c ^ 0x88 each nibble is its level + 8, i.e. its sign bit
+# flipped) times 2**12 + 2**24, in int32: one copy of the byte at bits 12-19, one at 24-31, so
+# lo ^ 8 is the top nibble of the low int16 half and hi ^ 8 the top nibble of the high one; an
+# arithmetic shift of each half by 12 leaves lo - 8 and hi - 8, little-endian in code order.
+_SPREAD = 2**12 + 2**24
+_INT4_PARTS = 4  # int32 index of a quarter of the codes: as many bytes as the codes themselves
+
+
+def _expand_int4_symmetric(codes: torch.Tensor) -> torch.Tensor:
+    """The levels (-8..7, FP32, code order) of packed symmetric INT4 codes, n_rows x 2 n_bytes.
+
+    Integer work on a quarter of the code bytes at a time, then one contiguous conversion: about
+    twice as fast on CPU as writing each nibble into every other FP32 element (a strided copy),
+    with the same transient (the output + at most as many bytes as the codes)."""
+    n_rows, n_bytes = codes.shape
+    w = torch.empty(n_rows, 2 * n_bytes, dtype=torch.float32, device=codes.device)
+    flat, out = codes.reshape(-1), w.view(-1)
+    step = max(1, flat.numel() // _INT4_PARTS)
+    for a in range(0, flat.numel(), step):
+        x = flat[a : a + step].to(torch.int32)
+        x.bitwise_xor_(0x88).mul_(_SPREAD)
+        halves = x.view(torch.int16).bitwise_right_shift_(12)
+        out[2 * a : 2 * a + halves.numel()].copy_(halves)
+        del x, halves
+    return w

@@ -42,6 +42,14 @@ def trainable_positions(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def int4_levels(codes: torch.Tensor) -> torch.Tensor:
+    """The signed levels (-8..7, FP32) of packed symmetric INT4 codes, nibble by nibble: the
+    low nibble of each byte is the even column, the high nibble the odd one."""
+    low = (codes & 0x0F).float() - 8
+    high = (codes >> 4).float() - 8
+    return torch.stack([low, high], dim=-1).reshape(codes.shape[0], -1)
+
+
 def nf4_codebook() -> torch.Tensor:
     """QLoRA's 16 NF4 values, derived: 8 positive and 7 negative quantiles of N(0, 1), evenly
     spaced in probability from 0.5 to 0.9677 (= (1/2)(1/32 + 1 - 1/30), the paper's offset),

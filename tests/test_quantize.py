@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from lowmem import assets
+from lowmem import assets, reference
 from lowmem.memory import LiveStorageTracker
 from lowmem.quant_linear import QuantEmbedding, QuantLinear, apply_quantize
-from lowmem.quantize import dequantize, dequantize_rows, quantize
+from lowmem.quantize import QuantizedWeight, dequantize, dequantize_rows, quantize
 
 # Budget: relative Frobenius round-trip error ||W - deq(q(W))|| / ||W||, symmetric or not, on
 # N(0, 1) weights and on every 2-D weight of SmolLM2-135M (worst matrix). Measured (random /
@@ -103,11 +103,29 @@ def test_the_fp32_weight_lives_only_during_its_matmul():
         after_forward = tracker.live
         tracker.mark("backward")
         y.backward(grad_y)
-    y_bytes, w_fp32, one_nibble = 4 * n * d_out, 4 * d_out * d_in, d_out * d_in // 2
-    # forward and backward each peak while a nibble of each code goes into the FP32 weight
-    assert tracker.phase_peaks["forward"] - resident == w_fp32 + one_nibble
+    y_bytes, w_fp32, code_bytes = 4 * n * d_out, 4 * d_out * d_in, d_out * d_in // 2
+    # forward and backward each peak while the FP32 weight is being filled: the weight plus
+    # a transient as large as the packed codes (int32 work on a quarter of them at a time)
+    assert tracker.phase_peaks["forward"] - resident == w_fp32 + code_bytes
     assert after_forward - resident == y_bytes  # nothing FP32 is kept for backward
-    assert tracker.phase_peaks["backward"] - after_forward == w_fp32 + one_nibble
+    assert tracker.phase_peaks["backward"] - after_forward == w_fp32 + code_bytes
+
+
+@pytest.mark.parametrize("shape", [(16, 32), (3, 10), (1, 2), (7, 6)], ids=str)
+def test_int4_levels_equal_the_plain_unpacking_for_every_code_byte(shape):
+    """The symmetric INT4 expansion (integer spreading, lowmem.quantize) against nibble by
+    nibble unpacking: bit for bit, every byte value, odd byte counts (a quarter not whole)."""
+    n = shape[0] * shape[1] // 2
+    codes = (torch.arange(n) * 37 % 256).to(torch.uint8).reshape(shape[0], -1)
+    if n >= 256:
+        codes.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    group = shape[1] // 2 if shape[1] % 4 == 0 else shape[1]
+    scales = torch.rand(shape[0], shape[1] // group) + 0.01
+    qw = QuantizedWeight(codes, scales, None, shape, 4, group)
+    want = reference.int4_levels(codes).reshape(shape[0], -1, group) * scales[..., None]
+    assert torch.equal(dequantize(qw), want.reshape(shape))
+    rows = torch.tensor([shape[0] - 1, 0])
+    assert torch.equal(dequantize_rows(qw, rows), want.reshape(shape)[rows])
 
 
 def test_embedding_lookup_dequantizes_only_the_gathered_rows():
