@@ -12,6 +12,10 @@ W - deq(Q), from its SVD U S V^T: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T
 s B A = U_r S_r V_r^T. One step already gives ||W - deq(Q) - s B A|| <= ||W - deq(Q)||
 (an SVD truncation is the best rank-r approximation, and 0 is one of them).
 
+With error-compensating codes (`quant_method="gptq"`) the first step's round-to-nearest would
+throw the adapted layers' GPTQ codes away; `quant_loftq_keep_codes` keeps them instead and runs
+the one SVD step on their residual W - deq(Q_gptq) (our variant; LoftQ's own Q step is RTN).
+
 Only layers that carry an adapter change; their base is stored in the same packed format
 (round-to-nearest of W - s B A, INT or NF4: the codes change, not the bytes) and A, B are the
 FP32 adapters peft already holds (r x D_in + D_out x r: no extra memory). Cost: one SVD of
@@ -42,14 +46,18 @@ def loftq_init(
     bits: int = 4,
     group_size: int = 32,
     codebook: str = "int",
+    keep: QuantizedWeight | None = None,
 ) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
-    """(Q, A r x D_in, B D_out x r) with deq(Q) + scale * B A ~= weight; `iters` >= 1 steps."""
+    """(Q, A r x D_in, B D_out x r) with deq(Q) + scale * B A ~= weight; `iters` >= 1 steps.
+    `keep`: the codes to use as Q in the (then only) step instead of rounding to nearest."""
     if iters < 1:
         raise ValueError(f"bad loftq iters={iters}: must be >= 1")
+    if keep is not None and iters != 1:
+        raise ValueError(f"bad loftq iters={iters} with codes to keep: must be 1")
     w = weight.detach().float()
     low_rank = torch.zeros_like(w)  # s B A, 0 before the first step
     for _ in range(iters):
-        q = quantize(w - low_rank, bits, group_size, True, codebook)
+        q = keep or quantize(w - low_rank, bits, group_size, True, codebook)
         u, s, vh = torch.linalg.svd(w - dequantize(q), full_matrices=False)
         root = (s[:r] / scale).sqrt()
         b, a = u[:, :r] * root, root[:, None] * vh[:r]
@@ -64,9 +72,12 @@ def apply_loftq(
     group_size: int = 32,
     codebook: str = "int",
     adapter: str = "default",
+    keep: dict[str, QuantizedWeight] | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Set the adapters of every LoRA layer of the (not yet quantized) peft `model` by
-    `loftq_init`; return {stock parameter name: its base's Q} for `apply_quantize(chosen=...)`."""
+    `loftq_init`; return {stock parameter name: its base's Q} for `apply_quantize(chosen=...)`.
+    `keep` ({stock parameter name: Q}, e.g. GPTQ's): those layers keep their Q (one step)."""
+    keep = keep or {}
     base = base_model(model)
     names = {id(p): n.replace(".base_layer", "") for n, p in base.named_parameters()}
     out = {}
@@ -75,7 +86,8 @@ def apply_loftq(
             continue
         w = module.get_base_layer().weight
         r, scale = module.r[adapter], module.scaling[adapter]
-        q, a, b = loftq_init(w, r, scale, iters, bits, group_size, codebook)
+        kept = keep.get(names[id(w)])
+        q, a, b = loftq_init(w, r, scale, iters, bits, group_size, codebook, kept)
         module.lora_A[adapter].weight.data.copy_(a)
         module.lora_B[adapter].weight.data.copy_(b)
         out[names[id(w)]] = q

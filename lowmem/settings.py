@@ -86,6 +86,10 @@ class QuantSettings:
     loftq_iters: int = 0
     """LoftQ-style adapter init (lowmem.loftq): 0 = off (peft's init, B = 0), n = alternating
     quantize / SVD steps that make base + adapter approximate the FP32 weight."""
+    loftq_keep_codes: bool = False
+    """LoftQ with loftq_iters=1: keep the codes quant_method chose (GPTQ's) for the adapted
+    layers and fit the adapters to their residual, instead of re-rounding those layers to
+    nearest first (lowmem.loftq). Same format."""
     vocab_bits: int = 0
     """Bits of the embedding / LM head table (INT, groups of group_size): 0 = bits, or 4 / 8."""
 
@@ -107,6 +111,12 @@ class QuantSettings:
                 f"false unless quant_method=gptq (quant_method={self.method!r})",
             )
         check(self.loftq_iters >= 0, "quant_loftq_iters", self.loftq_iters, ">= 0 (0 = off)")
+        check(
+            not self.loftq_keep_codes or self.loftq_iters == 1,
+            "quant_loftq_keep_codes",
+            self.loftq_keep_codes,
+            f"false unless quant_loftq_iters=1 (quant_loftq_iters={self.loftq_iters})",
+        )
         check(self.vocab_bits in (0, *BITS), "quant_vocab_bits", self.vocab_bits, "0, 4 or 8")
         nf4_ok = self.codebook == "int" or (self.bits == 4 and self.symmetric)
         check(nf4_ok, "quant_codebook", self.codebook, "int unless bits=4 and symmetric")

@@ -78,7 +78,7 @@ def apply_stack(
 def chosen_codes(model, q, meter: str, calibration: torch.Tensor | None) -> dict:
     """{parameter name: quantized weight} for the linears whose codes are not round-to-nearest:
     GPTQ's (`lowmem.gptq`), then LoftQ's for the adapted ones (`lowmem.loftq`, which also sets
-    their adapters); `q` is the QuantSettings."""
+    their adapters, from GPTQ's codes with quant_loftq_keep_codes); `q` is the QuantSettings."""
     chosen = {}
     if q.method == "gptq" and meter != "simulated":
         if calibration is None:
@@ -101,7 +101,10 @@ def chosen_codes(model, q, meter: str, calibration: torch.Tensor | None) -> dict
     if q.loftq_iters:
         from lowmem.loftq import apply_loftq
 
-        chosen.update(apply_loftq(model, q.loftq_iters, q.bits, q.group_size, q.codebook))
+        keep = chosen if q.loftq_keep_codes else None
+        chosen.update(
+            apply_loftq(model, q.loftq_iters, q.bits, q.group_size, q.codebook, keep=keep)
+        )
     return chosen
 
 

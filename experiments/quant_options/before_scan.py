@@ -41,6 +41,7 @@ OPTIONS = {  # name -> stack spec; "fp32" is the reference every gap is taken ag
     "calib8192_seq_act": SEQ_ACT,
     "calib8192_seq_act_loftq0": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0"),
     "calib8192_seq_act_loftq5": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=5"),
+    "calib8192_seq_act_keep": SEQ_ACT + ",quant_loftq_keep_codes=true",  # GPTQ codes + SVD
 }
 REFERENCE = "fp32"
 
