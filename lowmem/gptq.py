@@ -51,7 +51,15 @@ from __future__ import annotations
 import torch
 
 from lowmem.models import base_model
-from lowmem.quantize import NF4, QuantizedWeight, check_format, dequantize, nf4_codes
+from lowmem.quantize import (
+    NF4,
+    QuantizedWeight,
+    absmax_scales,
+    check_format,
+    dequantize,
+    nf4_codes,
+    searched_scales,
+)
 
 DAMP = 0.01  # of mean(diag H), added to the diagonal
 BLOCK = 128  # columns per lazy-update block
@@ -70,11 +78,12 @@ def quantize_columns(
     return codes.to(torch.uint8), (codes - offset) * scale[:, None]
 
 
-def group_scale(w: torch.Tensor, bits: int, codebook: str) -> torch.Tensor:
-    """Per-row FP32 scale of a D_out x group block: absmax (NF4) or absmax / (2^(b-1) - 1)."""
-    absmax = w.abs().amax(dim=1)
-    scale = absmax if codebook == "nf4" else absmax / (2 ** (bits - 1) - 1)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+def group_scale(w: torch.Tensor, bits: int, codebook: str, search: bool = False) -> torch.Tensor:
+    """Per-row FP32 scale of a D_out x group block: absmax (NF4) or absmax / (2^(b-1) - 1), or
+    with `search` the shrunk one of least round-trip error (`lowmem.quantize.searched_scales`)."""
+    if search:
+        return searched_scales(w[:, None, :], bits, codebook)[:, 0]
+    return absmax_scales(w, bits, codebook)
 
 
 def damped_inverse_factor(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +104,13 @@ def gptq_quantize(
     group_size: int = 32,
     codebook: str = "int",
     act_order: bool = False,
+    scale_search: bool = False,
 ) -> QuantizedWeight:
     """GPTQ codes of a D_out x D_in weight for inputs with Gram matrix `hessian` (X^T X,
     D_in x D_in), in the symmetric `lowmem.quantize` format (INT or NF4, FP32 scale per group).
     `act_order`: columns in descending diag(H) order, group scales fixed beforehand from the
-    weight (static groups; see the module docstring)."""
+    weight (static groups; see the module docstring). `scale_search`: each group's scale from
+    `group_scale(search=True)` on the columns it is fixed from."""
     group = check_format(tuple(weight.shape), bits, group_size, codebook)
     d_out, d_in = weight.shape
     w = weight.detach().float().clone()
@@ -108,7 +119,8 @@ def gptq_quantize(
     order = torch.arange(d_in)
     if act_order:
         for g in range(d_in // group):
-            scales[:, g] = group_scale(w[:, g * group : (g + 1) * group], bits, codebook)
+            block = w[:, g * group : (g + 1) * group]
+            scales[:, g] = group_scale(block, bits, codebook, scale_search)
         order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
         w, hessian = w[:, order], hessian[order][:, order]
     u, _ = damped_inverse_factor(hessian)
@@ -119,7 +131,7 @@ def gptq_quantize(
         for i in range(a, b):
             g = int(order[i]) // group  # column i of the walk is column order[i] of W
             if not act_order and i % group == 0:
-                scales[:, g] = group_scale(w[:, i : i + group], bits, codebook)
+                scales[:, g] = group_scale(w[:, i : i + group], bits, codebook, scale_search)
             code, value = quantize_columns(w[:, i : i + 1], scales[:, g], bits, codebook)
             codes[:, order[i]] = code[:, 0]
             e = (w[:, i] - value[:, 0]) / u[i, i]
@@ -158,6 +170,7 @@ def calibrate(
     codebook: str = "int",
     sequential: bool = False,
     act_order: bool = False,
+    scale_search: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """{parameter name (stock, without peft's `.base_layer`): GPTQ weight} of every decoder
     linear of the FP32 `model` (plain or peft, adapters not yet trained), from one forward of
@@ -186,7 +199,9 @@ def calibrate(
                 h.remove()
             for name, (module, k) in inputs.items():
                 h = grams[k][1]
-                out[name] = gptq_quantize(module.weight, h, bits, group_size, codebook, act_order)
+                out[name] = gptq_quantize(
+                    module.weight, h, bits, group_size, codebook, act_order, scale_search
+                )
             modules = {name: module for name, (module, _) in inputs.items()}
             grams.clear()
             inputs.clear()

@@ -94,8 +94,8 @@ def load_quantized(
     if not cfg.quant.plain:  # lowmem.quantize options the loader and converted format lack
         raise ValueError(
             "load_quantized reads the round-to-nearest INT format only; quant_codebook, "
-            "quant_method, quant_loftq_iters and quant_vocab_bits need the FP32 model: build it "
-            "(lowmem.models.load_from_directory) and apply_stack it"
+            "quant_method, quant_scale_search, quant_loftq_iters and quant_vocab_bits need the "
+            "FP32 model: build it (lowmem.models.load_from_directory) and apply_stack it"
         )
     path = check_model_dir(model_dir)
     manifest = check_loadable(path, cfg)

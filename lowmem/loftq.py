@@ -47,6 +47,7 @@ def loftq_init(
     group_size: int = 32,
     codebook: str = "int",
     keep: QuantizedWeight | None = None,
+    scale_search: bool = False,
 ) -> tuple[QuantizedWeight, torch.Tensor, torch.Tensor]:
     """(Q, A r x D_in, B D_out x r) with deq(Q) + scale * B A ~= weight; `iters` >= 1 steps.
     `keep`: the codes to use as Q in the (then only) step instead of rounding to nearest."""
@@ -57,7 +58,7 @@ def loftq_init(
     w = weight.detach().float()
     low_rank = torch.zeros_like(w)  # s B A, 0 before the first step
     for _ in range(iters):
-        q = keep or quantize(w - low_rank, bits, group_size, True, codebook)
+        q = keep or quantize(w - low_rank, bits, group_size, True, codebook, scale_search)
         u, s, vh = torch.linalg.svd(w - dequantize(q), full_matrices=False)
         root = (s[:r] / scale).sqrt()
         b, a = u[:, :r] * root, root[:, None] * vh[:r]
@@ -73,6 +74,7 @@ def apply_loftq(
     codebook: str = "int",
     adapter: str = "default",
     keep: dict[str, QuantizedWeight] | None = None,
+    scale_search: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """Set the adapters of every LoRA layer of the (not yet quantized) peft `model` by
     `loftq_init`; return {stock parameter name: its base's Q} for `apply_quantize(chosen=...)`.
@@ -87,7 +89,7 @@ def apply_loftq(
         w = module.get_base_layer().weight
         r, scale = module.r[adapter], module.scaling[adapter]
         kept = keep.get(names[id(w)])
-        q, a, b = loftq_init(w, r, scale, iters, bits, group_size, codebook, kept)
+        q, a, b = loftq_init(w, r, scale, iters, bits, group_size, codebook, kept, scale_search)
         module.lora_A[adapter].weight.data.copy_(a)
         module.lora_B[adapter].weight.data.copy_(b)
         out[names[id(w)]] = q

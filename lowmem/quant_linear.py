@@ -142,6 +142,7 @@ def apply_quantize(
     codebook: str = "int",
     vocab_bits: int = 0,
     chosen: dict[str, QuantizedWeight] | None = None,
+    scale_search: bool = False,
 ) -> QuantReport:
     """Quantize every base linear of the decoder layers and the embedding / LM head, in place.
 
@@ -156,7 +157,8 @@ def apply_quantize(
     `codebook` "nf4" stores the 4-bit codes as normal floats (`lowmem.quantize`); `vocab_bits`
     (0 = `bits`) is the embedding / LM head's bit width (INT at 8 bits, groups of
     `group_size`); neither applies to a given `packed`. `chosen` {name: weight} overrides the
-    decoder linears it names (codes from `lowmem.gptq` or `lowmem.loftq`).
+    decoder linears it names (codes from `lowmem.gptq` or `lowmem.loftq`). `scale_search`: every
+    group scale searched (`lowmem.quantize.searched_scales`), not the absmax.
 
     Comes before `apply_tiled_mlp` and `apply_checkpoint` (as in `lowmem.stack.apply_stack`):
     they hold on to the layers they find, so a model they changed is refused.
@@ -170,11 +172,11 @@ def apply_quantize(
         table_bits = vocab_bits or bits
 
         def packed(name: str, w: torch.Tensor) -> QuantizedWeight:
-            return quantize(w, bits, group_size, symmetric, codebook)
+            return quantize(w, bits, group_size, symmetric, codebook, scale_search)
 
         def table(name: str, w: torch.Tensor) -> QuantizedWeight:
             book = codebook if table_bits == 4 else "int"  # NF4 is a 4-bit code
-            return quantize(w, table_bits, group_size, symmetric, book)
+            return quantize(w, table_bits, group_size, symmetric, book, scale_search)
 
     chosen = chosen or {}
 

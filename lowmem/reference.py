@@ -50,6 +50,34 @@ def int4_levels(codes: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(codes.shape[0], -1)
 
 
+def searched_round_trip(
+    weight: torch.Tensor, bits: int, group: int, codebook: str, factors
+) -> torch.Tensor:
+    """W through symmetric round-to-nearest with each group's scale chosen, group by group, as
+    the first of absmax scale x `factors` with the least squared round-trip error."""
+    levels = nf4_codebook() if codebook == "nf4" else None
+    out = torch.empty_like(weight, dtype=torch.float32)
+    for r in range(weight.shape[0]):
+        for a in range(0, weight.shape[1], group):
+            w = weight[r, a : a + group].float()
+            absmax = float(w.abs().max()) or 1.0
+            unit = absmax if codebook == "nf4" else absmax / (2 ** (bits - 1) - 1)
+            best, best_err = None, None
+            for f in factors:
+                s = unit * f
+                if codebook == "nf4":
+                    nearest = (w[:, None] / s - levels[None, :]).abs().argmin(dim=1)
+                    values = levels[nearest] * s
+                else:
+                    half = 2 ** (bits - 1)
+                    values = torch.clamp(torch.round(w / s), -half, half - 1) * s
+                err = float(((values - w) ** 2).sum())
+                if best_err is None or err < best_err:
+                    best, best_err = values, err
+            out[r, a : a + group] = best
+    return out
+
+
 def nf4_codebook() -> torch.Tensor:
     """QLoRA's 16 NF4 values, derived: 8 positive and 7 negative quantiles of N(0, 1), evenly
     spaced in probability from 0.5 to 0.9677 (= (1/2)(1/32 + 1 - 1/30), the paper's offset),

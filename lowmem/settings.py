@@ -83,6 +83,10 @@ class QuantSettings:
     gptq_act_order: bool = False
     """Method gptq: quantize columns in descending diag(X^T X) order, group scales fixed from the
     FP32 weight beforehand (static groups). Same format."""
+    scale_search: bool = False
+    """Each group's scale the one among its absmax scale x 1, 0.995, ..., 0.75 with the least
+    round-trip error, not the absmax (lowmem.quantize.searched_scales; symmetric formats, RTN
+    and GPTQ alike). Same format. Skipped under the simulated meter (values are never read)."""
     loftq_iters: int = 0
     """LoftQ-style adapter init (lowmem.loftq): 0 = off (peft's init, B = 0), n = alternating
     quantize / SVD steps that make base + adapter approximate the FP32 weight."""
@@ -120,20 +124,17 @@ class QuantSettings:
         check(self.vocab_bits in (0, *BITS), "quant_vocab_bits", self.vocab_bits, "0, 4 or 8")
         nf4_ok = self.codebook == "int" or (self.bits == 4 and self.symmetric)
         check(nf4_ok, "quant_codebook", self.codebook, "int unless bits=4 and symmetric")
-        sym_only = self.symmetric or (self.method == "rtn" and not self.loftq_iters)
-        check(sym_only, "quant_symmetric", self.symmetric, "true with gptq or loftq")
-        lowmem_only = "lowmem with codebook, method, loftq_iters or vocab_bits set"
+        plain_rtn = self.method == "rtn" and not self.loftq_iters and not self.scale_search
+        sym_only = self.symmetric or plain_rtn
+        check(sym_only, "quant_symmetric", self.symmetric, "true with gptq, loftq or scale_search")
+        lowmem_only = "lowmem with codebook, method, scale_search, loftq_iters or vocab_bits set"
         check(self.plain or self.backend == "lowmem", "quant_backend", self.backend, lowmem_only)
 
     @property
     def plain(self) -> bool:
         """Whether this is the paper's round-to-nearest INT format throughout."""
-        return (self.codebook, self.method, self.loftq_iters, self.vocab_bits) == (
-            "int",
-            "rtn",
-            0,
-            0,
-        )
+        chosen = (self.codebook, self.method, self.scale_search, self.loftq_iters, self.vocab_bits)
+        return chosen == ("int", "rtn", False, 0, 0)
 
     @property
     def table_bits(self) -> int:

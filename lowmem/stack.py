@@ -71,6 +71,7 @@ def apply_stack(
             codebook=q.codebook,
             vocab_bits=q.vocab_bits,
             chosen=chosen_codes(model, q, meter, calibration),
+            scale_search=q.scale_search and meter != "simulated",
         )
     return apply_after_quantize(model, cfg, meter)
 
@@ -96,6 +97,7 @@ def chosen_codes(model, q, meter: str, calibration: torch.Tensor | None) -> dict
             q.codebook,
             q.gptq_sequential,
             q.gptq_act_order,
+            q.scale_search,
         )
         chosen.update(codes)
     if q.loftq_iters:
@@ -103,7 +105,15 @@ def chosen_codes(model, q, meter: str, calibration: torch.Tensor | None) -> dict
 
         keep = chosen if q.loftq_keep_codes else None
         chosen.update(
-            apply_loftq(model, q.loftq_iters, q.bits, q.group_size, q.codebook, keep=keep)
+            apply_loftq(
+                model,
+                q.loftq_iters,
+                q.bits,
+                q.group_size,
+                q.codebook,
+                keep=keep,
+                scale_search=q.scale_search and meter != "simulated",
+            )
         )
     return chosen
 

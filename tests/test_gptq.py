@@ -150,3 +150,17 @@ def test_gptq_only_options_are_refused_without_gptq(field):
         StackConfig.from_flat("quantize", quant_method="gptq", **{field: True}).quant,
         field.removeprefix("quant_"),
     )
+
+
+def test_gptq_with_scale_search_fixes_the_searched_scales_of_the_fp32_groups():
+    """act_order's static groups take their scales from the FP32 weight: with scale_search,
+    the searched ones (lowmem.quantize.searched_scales), then GPTQ chooses the codes."""
+    from lowmem.quantize import searched_scales
+
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(4))
+    x = calibration_inputs()
+    ours = gptq_quantize(w, x.T @ x, 4, 32, "nf4", act_order=True, scale_search=True)
+    assert torch.equal(ours.scales, searched_scales(w.reshape(32, 8, 32), 4, "nf4"))
+    plain = gptq_quantize(w, x.T @ x, 4, 32, "nf4", act_order=True)
+    assert not torch.equal(ours.scales, plain.scales)
+    assert output_error(w, dequantize(ours), x) < output_error(w, dequantize(plain), x) * 1.05

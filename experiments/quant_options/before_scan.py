@@ -42,6 +42,8 @@ OPTIONS = {  # name -> stack spec; "fp32" is the reference every gap is taken ag
     "calib8192_seq_act_loftq0": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0"),
     "calib8192_seq_act_loftq5": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=5"),
     "calib8192_seq_act_keep": SEQ_ACT + ",quant_loftq_keep_codes=true",  # GPTQ codes + SVD
+    "calib8192_seq_act_loftq0_search": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0")
+    + ",quant_scale_search=true",
 }
 REFERENCE = "fp32"
 
