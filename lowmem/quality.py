@@ -82,12 +82,16 @@ ROWS = {  # row -> stack spec; cumulative like Table 1
     "vocab8": "quantize:quant_vocab_bits=8",
     "best_chosen_v1": "best:quant_codebook=nf4,quant_method=gptq,quant_loftq_iters=1,"
     "quant_vocab_bits=8",
-    "best_chosen": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
+    "scale_search": "quantize:quant_scale_search=true",
+    "best_chosen_v2": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
     "quant_calib_tokens=8192,quant_gptq_sequential=true,quant_gptq_act_order=true",
+    "best_chosen": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
+    "quant_calib_tokens=8192,quant_gptq_sequential=true,quant_gptq_act_order=true,"
+    "quant_scale_search=true",
 }
 REFERENCE = "lora"
 # the order rows run in: the paper's rows and best first, the K / rule variants last
-PRIORITY = ("lora", "int4", "best", "best_chosen", "nf4", "gptq", "loftq", "vocab8")
+PRIORITY = ("lora", "int4", "best", "best_chosen", "nf4", "gptq", "loftq", "vocab8", "scale_search")
 PRIORITY += ("checkpoint", "sm_topk_1000", "logits_mask")
 PRIORITY += tuple(r for r in ROWS if r.startswith("sm_") and r != "sm_topk_1000")
 
