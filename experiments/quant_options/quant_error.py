@@ -7,6 +7,7 @@ by play). Calibration: the first 512 training tokens (`lowmem.gptq.calibration_i
 out: the first 512 tokens of the held-out play(s). For every decoder linear: weight relative
 error ||W - W_hat|| / ||W||, output relative error ||X W^T - X W_hat^T|| / ||X W^T|| with X the
 FP32 model's inputs to that layer on held-out text (and, for GPTQ, on the calibration text).
+`search-` / `gptq_search-`: RTN / GPTQ with `scale_search` (each group's scale searched).
 LoftQ (r = 16, alpha = 32, q_proj and v_proj: the default adapters) counts base + s B A as
 W_hat. The tied embedding / LM head: weight error at INT4, NF4, INT8. The model: held-out loss
 with every weight replaced by its W_hat (no training). Writes
@@ -79,8 +80,13 @@ def main() -> None:
     options: dict[str, dict[str, torch.Tensor]] = {}
     for book in ("int", "nf4"):
         options[f"rtn-{book}"] = {n: dequantize(quantize(fp32[n], codebook=book)) for n in linears}
+        options[f"search-{book}"] = {
+            n: dequantize(quantize(fp32[n], codebook=book, scale_search=True)) for n in linears
+        }
         gptq = calibrate(model, cal, 4, 32, book)
         options[f"gptq-{book}"] = {n: dequantize(gptq[n]) for n in linears}
+        gptq = calibrate(model, cal, 4, 32, book, scale_search=True)
+        options[f"gptq_search-{book}"] = {n: dequantize(gptq[n]) for n in linears}
         for iters in (1, 5):
             loftq = dict(options[f"rtn-{book}"])
             for n in linears:
@@ -95,7 +101,7 @@ def main() -> None:
         for opt, ws in options.items():
             row[f"{opt}.weight"] = rel(ws[n], fp32[n])
             row[f"{opt}.output"] = rel(x_test[n] @ ws[n].T, y_test)
-            if opt.startswith("gptq") or opt.startswith("rtn"):
+            if not opt.startswith("loftq"):
                 row[f"{opt}.output_cal"] = rel(x_cal[n] @ ws[n].T, y_cal)
         layers.append(row)
     summary = {

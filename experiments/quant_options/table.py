@@ -9,14 +9,9 @@ s = err["summary"]
 print("| option | weight rel. error (mean / max) | output error held-out | calib. |")
 print("|---|---|---|---|")
 for opt in (
-    "rtn-int",
-    "gptq-int",
-    "loftq1-int",
-    "loftq5-int",
-    "rtn-nf4",
-    "gptq-nf4",
-    "loftq1-nf4",
-    "loftq5-nf4",
+    f"{method}-{book}"
+    for book in ("int", "nf4")
+    for method in ("rtn", "search", "gptq", "gptq_search", "loftq1", "loftq5")
 ):
     cal = s.get(f"{opt}.output_cal")
     print(
