@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -49,12 +50,14 @@ def given_fields(args: argparse.Namespace, cls: type) -> dict[str, str]:
 
 def field_parameters(cls: type) -> str:
     """One `name = default  # doc` line per flat setting: a notebook's papermill parameters. A
-    tuple default is written comma-joined, as the configuration reads it back."""
+    tuple default is written comma-joined, as the configuration reads it back. An "=" in the
+    doc becomes "is": papermill skips a parameter line with two "=" (and then calls the
+    parameter unknown)."""
     lines = []
     for f in flat_fields(cls).values():
         default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
         line = f"{f.name} = {default!r}  # "
-        doc = f.doc or f"{cls.__name__}.{f.name}"
+        doc = re.sub(r"\s*=\s*", " is ", f.doc or f"{cls.__name__}.{f.name}")
         lines.append(line + textwrap.shorten(doc, max(20, 100 - len(line)), placeholder="..."))
     return "\n".join(lines) + "\n"
 

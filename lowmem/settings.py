@@ -188,7 +188,8 @@ class SoftmaxSettings:
 
     prefix: ClassVar[str] = "softmax_"
     k: int = 1000
-    """Candidates per position for the softmax approximation (K; K = V is exact)."""
+    """Candidates per position for the softmax approximation (K; K equal to the vocabulary size
+    V is exact)."""
     rule: str = "model_topk"
     """How candidates are chosen: model_topk (highest logits) or target_neighbors (embedding
     neighbours of the target)."""

@@ -100,3 +100,10 @@ def test_the_run_notebook_lists_every_config_field_at_its_default():
     # and those lines are the ones generated from StackConfig's fields, docstrings included
     source = "".join(_parameters_cell(RUN_NOTEBOOK)["source"])
     assert source.endswith(field_parameters(StackConfig)), "rerun `python -m lowmem.options`"
+
+
+def test_papermill_reads_every_parameter_of_the_run_notebook():
+    """papermill skips a parameter line holding two "=" (its doc comment's) and then warns that
+    the parameter passed is unknown: it must infer every StackConfig field from the cell."""
+    inferred = papermill.inspect_notebook(str(RUN_NOTEBOOK))
+    assert sorted(set(flat_fields(StackConfig)) - set(inferred)) == []
