@@ -131,7 +131,7 @@ def quantize(
     if symmetric:
         scales = (searched_scales if scale_search else absmax_scales)(w, bits, codebook)
     if codebook == "nf4":
-        q = nf4_codes((w / scales[..., None]).clamp(-1, 1)).reshape(d_out, d_in)
+        q = nf4_codes((w / scales[..., None]).clamp_(-1, 1)).reshape(d_out, d_in)
         q = q[:, 0::2] | (q[:, 1::2] << 4)
         return QuantizedWeight(q.contiguous(), scales, None, (d_out, d_in), bits, group, "nf4")
     if symmetric:
