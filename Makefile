@@ -49,7 +49,7 @@ gpu-check: $(STAMP)  ## one GPU, < 8 min: cuda vs simulated peaks, 2 paper model
 	$(OFFLINE) $(PY) -m lowmem.gpu_check $(if $(FORCE),--force)
 
 test: $(STAMP) assets  ## default test tier (< 10 min on 2 cores)
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q --durations=15
 
 test-slow: $(STAMP) assets  ## the slow tier only
 	$(OFFLINE) $(PY) -m pytest -q -m slow
