@@ -1,6 +1,6 @@
 """Quantization error per layer of each quantization option on SmolLM2-135M (real weights).
 
-    python experiments/quant_options/quant_error.py   # ~2 min on 2 cores; one record
+    python experiments/quant_options/quant_error.py   # 3-10 min on 2 cores; one record
 
 Text: Shakespeare blocks of 128 tokens (`lowmem.data.shakespeare`, the first 8 plays, held out
 by play). Calibration: the first 512 training tokens (`lowmem.gptq.calibration_ids`); held
