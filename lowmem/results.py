@@ -79,18 +79,34 @@ def environment() -> dict:
         "platform": platform.platform(),
         "processor": platform.machine(),
         "versions": versions,
-        **_git_state(),
+        **code_state(),
     }
+
+
+def code_state() -> dict:
+    """The commit (and whether lowmem/ had uncommitted changes) of the code this process runs:
+    the repository's state when the process imported lowmem, which a long job outlives. If the
+    repository has moved on since, `changed_while_running` gives its state now."""
+    now = _git_state()
+    if now == _AT_IMPORT:
+        return dict(_AT_IMPORT)
+    return {**_AT_IMPORT, "changed_while_running": now}
 
 
 def _git_state() -> dict:
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+        except OSError:  # no git on this machine
+            return ""
         return done.stdout.strip() if done.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD") or None
     dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "lowmem"))
     return {"commit": commit, "dirty": dirty}
+
+
+_AT_IMPORT = _git_state()  # `import lowmem` imports this module: the code the process runs
 
 
 def cell_record(

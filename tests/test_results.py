@@ -46,6 +46,16 @@ def test_environment_names_versions_and_commit():
     assert set(env) >= {"python", "platform", "commit", "dirty"}
 
 
+def test_a_record_names_the_code_the_process_runs_and_a_later_commit(monkeypatch):
+    started = results.code_state()
+    assert "changed_while_running" not in started  # nothing moved during this test run
+    later = {"commit": "0" * 40, "dirty": False}
+    monkeypatch.setattr(results, "_git_state", lambda: later)
+    env = results.environment()
+    assert (env["commit"], env["dirty"]) == (started["commit"], started["dirty"])
+    assert env["changed_while_running"] == later
+
+
 def test_tables_put_paper_values_and_ratios_beside_ours(results_tmp):
     for rec in (
         _record(gib=18.0),  # within 10%
