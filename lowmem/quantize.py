@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem import expand_kernel
+
 BITS = (4, 8)
 GROUP_SIZES = (0, 32, 64, 128)  # 0 = one group per output row ("per channel")
 BACKENDS = ("lowmem", "bnb-nf4", "bnb-fp4")
@@ -219,6 +221,9 @@ def dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor) -> torch.Tensor:
 
 def _expand(codes, scales, zeros, bits: int, group: int, codebook: str = "int") -> torch.Tensor:
     with torch.profiler.record_function("lowmem.dequantize"):  # attributes time in profiles
+        if bits == 4 and zeros is None and expand_kernel.usable(codes, scales):
+            table = torch.tensor(NF4) if codebook == "nf4" else None
+            return expand_kernel.expand(codes, scales, table)
         if codebook == "nf4":
             return _expand_nf4(codes, scales, group)
         return _expand_codes(codes, scales, zeros, bits, group)

@@ -1,7 +1,8 @@
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lowmem import assets, reference
+from lowmem import assets, expand_kernel, reference
 from lowmem.memory import LiveStorageTracker
 from lowmem.quant_linear import QuantEmbedding, QuantLinear, apply_quantize
 from lowmem.quantize import QuantizedWeight, dequantize, dequantize_rows, quantize
@@ -369,3 +370,35 @@ def test_scale_search_is_refused_without_a_symmetric_format():
         quantize(torch.randn(4, 32), symmetric=False, scale_search=True)
     with pytest.raises(ValueError, match="bad quant_symmetric=False: must be true with gptq"):
         StackConfig.from_flat("quantize", quant_symmetric=False, quant_scale_search=True)
+
+
+@pytest.mark.parametrize("codebook", ["int", "nf4"])
+@pytest.mark.parametrize(
+    "shape, group", [((5, 64), 32), ((3, 96), 0), ((7, 256), 128), ((1, 2), 0)]
+)
+def test_the_compiled_expansion_equals_the_pytorch_one_bit_for_bit(codebook, shape, group):
+    """lowmem.expand_kernel against the PyTorch expansion it replaces on CPU: every byte value,
+    odd row counts, one group per row (group 0), and rows gathered (an embedding lookup)."""
+    torch.manual_seed(0)
+    qw = quantize(torch.randn(*shape), bits=4, group_size=group, codebook=codebook)
+    if qw.codes.numel() >= 256:
+        qw.codes.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    assert expand_kernel.usable(qw.codes, qw.scales)
+    compiled = (dequantize(qw), dequantize_rows(qw, torch.tensor([[0, shape[0] - 1], [0, 0]])))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(expand_kernel, "usable", lambda codes, scales: False)
+        portable = (dequantize(qw), dequantize_rows(qw, torch.tensor([[0, shape[0] - 1], [0, 0]])))
+    for a, b in zip(compiled, portable, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_compiled_expansion_stays_out_of_dispatch_modes():
+    """A meter (a TorchDispatchMode) must see every operation, so under one the PyTorch path
+    runs; fake tensors never reach the compiled loop."""
+    codes, scales = torch.zeros(2, 16, dtype=torch.uint8), torch.ones(2, 1)
+    assert expand_kernel.usable(codes, scales)
+    with LiveStorageTracker():
+        assert not expand_kernel.usable(codes, scales)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(codes), mode.from_tensor(scales)
+    assert not expand_kernel.usable(*fake)
