@@ -48,6 +48,7 @@ NF4 = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
+INT4_LEVELS = tuple(float(code - 8) for code in range(16))  # symmetric INT4: level = code - 8
 NF4_ELEMENTS = 2**18  # codes expanded per index_select: the int32 index is at most 1 MiB
 
 
@@ -222,8 +223,7 @@ def dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor) -> torch.Tensor:
 def _expand(codes, scales, zeros, bits: int, group: int, codebook: str = "int") -> torch.Tensor:
     with torch.profiler.record_function("lowmem.dequantize"):  # attributes time in profiles
         if bits == 4 and zeros is None and expand_kernel.usable(codes, scales):
-            table = torch.tensor(NF4) if codebook == "nf4" else None
-            return expand_kernel.expand(codes, scales, table)
+            return expand_kernel.expand(codes, scales, NF4 if codebook == "nf4" else INT4_LEVELS)
         if codebook == "nf4":
             return _expand_nf4(codes, scales, group)
         return _expand_codes(codes, scales, zeros, bits, group)
