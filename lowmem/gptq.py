@@ -42,6 +42,13 @@ FP32 weight (absmax of its own 32 columns), so a group's codes still share one s
 stored format, and its dequantization, are unchanged (no permutation index is stored: codes
 are written back in the original column order).
 
+`weighted_search` (with `quant_scale_search`): the search over shrunk group scales
+(`lowmem.quantize.searched_scales`) weights each column's squared round-trip error by diag(H),
+the energy of the input that column multiplies, so a group's scale is chosen for an estimate
+of the output error (the diagonal of GPTQ's own objective) rather than the weight error, as
+AWQ weighs weights by activation magnitude (Lin et al. 2023, arXiv 2306.00978). ShareGPT,
+before training (experiments/quant_options): +0.0575 -> +0.0545 nats against FP32.
+
 Cost: O(D_out D_in^2 / 128) per layer plus one Cholesky of D_in x D_in; SmolLM2-135M quantizes
 in a few seconds on 2 cores.
 """
@@ -78,11 +85,18 @@ def quantize_columns(
     return codes.to(torch.uint8), (codes - offset) * scale[:, None]
 
 
-def group_scale(w: torch.Tensor, bits: int, codebook: str, search: bool = False) -> torch.Tensor:
+def group_scale(
+    w: torch.Tensor,
+    bits: int,
+    codebook: str,
+    search: bool = False,
+    importance: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-row FP32 scale of a D_out x group block: absmax (NF4) or absmax / (2^(b-1) - 1), or
-    with `search` the shrunk one of least round-trip error (`lowmem.quantize.searched_scales`)."""
+    with `search` the shrunk one of least round-trip error (`lowmem.quantize.searched_scales`),
+    each column's squared error weighted by `importance` when given."""
     if search:
-        return searched_scales(w[:, None, :], bits, codebook)[:, 0]
+        return searched_scales(w[:, None, :], bits, codebook, importance)[:, 0]
     return absmax_scales(w, bits, codebook)
 
 
@@ -105,22 +119,27 @@ def gptq_quantize(
     codebook: str = "int",
     act_order: bool = False,
     scale_search: bool = False,
+    weighted_search: bool = False,
 ) -> QuantizedWeight:
     """GPTQ codes of a D_out x D_in weight for inputs with Gram matrix `hessian` (X^T X,
     D_in x D_in), in the symmetric `lowmem.quantize` format (INT or NF4, FP32 scale per group).
     `act_order`: columns in descending diag(H) order, group scales fixed beforehand from the
     weight (static groups; see the module docstring). `scale_search`: each group's scale from
-    `group_scale(search=True)` on the columns it is fixed from."""
+    `group_scale(search=True)` on the columns it is fixed from; `weighted_search`: with each
+    column's squared error weighted by diag(H), so the search minimises an estimate of the
+    output error (sum over inputs of x_j^2 (w_j - q_j)^2) instead of the weight error."""
     group = check_format(tuple(weight.shape), bits, group_size, codebook)
     d_out, d_in = weight.shape
     w = weight.detach().float().clone()
     w[:, torch.diag(hessian) == 0] = 0  # dead inputs (damped_inverse_factor)
     scales = torch.empty(d_out, d_in // group)
+    energy = torch.diag(hessian).float() if weighted_search else None  # in W's column order
     order = torch.arange(d_in)
     if act_order:
         for g in range(d_in // group):
-            block = w[:, g * group : (g + 1) * group]
-            scales[:, g] = group_scale(block, bits, codebook, scale_search)
+            cols = slice(g * group, (g + 1) * group)
+            imp = None if energy is None else energy[cols]
+            scales[:, g] = group_scale(w[:, cols], bits, codebook, scale_search, imp)
         order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
         w, hessian = w[:, order], hessian[order][:, order]
     u, _ = damped_inverse_factor(hessian)
@@ -131,7 +150,8 @@ def gptq_quantize(
         for i in range(a, b):
             g = int(order[i]) // group  # column i of the walk is column order[i] of W
             if not act_order and i % group == 0:
-                scales[:, g] = group_scale(w[:, i : i + group], bits, codebook, scale_search)
+                imp = None if energy is None else energy[i : i + group]
+                scales[:, g] = group_scale(w[:, i : i + group], bits, codebook, scale_search, imp)
             code, value = quantize_columns(w[:, i : i + 1], scales[:, g], bits, codebook)
             codes[:, order[i]] = code[:, 0]
             e = (w[:, i] - value[:, 0]) / u[i, i]
@@ -171,6 +191,7 @@ def calibrate(
     sequential: bool = False,
     act_order: bool = False,
     scale_search: bool = False,
+    weighted_search: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """{parameter name (stock, without peft's `.base_layer`): GPTQ weight} of every decoder
     linear of the FP32 `model` (plain or peft, adapters not yet trained), from one forward of
@@ -200,7 +221,14 @@ def calibrate(
             for name, (module, k) in inputs.items():
                 h = grams[k][1]
                 out[name] = gptq_quantize(
-                    module.weight, h, bits, group_size, codebook, act_order, scale_search
+                    module.weight,
+                    h,
+                    bits,
+                    group_size,
+                    codebook,
+                    act_order,
+                    scale_search,
+                    weighted_search,
                 )
             modules = {name: module for name, (module, _) in inputs.items()}
             grams.clear()

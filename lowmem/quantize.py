@@ -164,14 +164,18 @@ def absmax_scales(w: torch.Tensor, bits: int, codebook: str = "int") -> torch.Te
     return torch.where(scales > 0, scales, torch.ones_like(scales))
 
 
-def searched_scales(w: torch.Tensor, bits: int, codebook: str = "int") -> torch.Tensor:
+def searched_scales(
+    w: torch.Tensor, bits: int, codebook: str = "int", importance: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per group of w (rows x groups x group), the symmetric scale among absmax scale x
     SCALE_SHRINK whose round-to-nearest round trip has the least squared error: a smaller scale
     clips the group's largest weight to gain resolution for the rest. A grid search over shrink
     factors of the absmax, as the GPTQ reference code's quantizer does with `mse=True` (Frantar,
     Ashkboos, Hoefler, Alistarh 2022, arXiv 2210.17323; its repository's `quant.py`) and as AWQ
     clips weights (Lin et al. 2023, arXiv 2306.00978); here on the weight's own error. Ties keep
-    the larger scale, so the absmax scale stays wherever nothing beats it."""
+    the larger scale, so the absmax scale stays wherever nothing beats it. `importance` (group,
+    one weight per column, shared by every group of w): the squared errors of each column are
+    weighted by it (`lowmem.gptq`: diag(X^T X), the energy of the input the column multiplies)."""
     flat = w.reshape(-1, w.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=w.device)
     step = max(1, SEARCH_ELEMENTS // flat.shape[1])
@@ -181,7 +185,8 @@ def searched_scales(w: torch.Tensor, bits: int, codebook: str = "int") -> torch.
         best, best_err = base, None
         for f in SCALE_SHRINK:
             s = base * f
-            err = (round_trip_values(block, s, bits, codebook) - block).square_().sum(dim=-1)
+            err = (round_trip_values(block, s, bits, codebook) - block).square_()
+            err = (err if importance is None else err.mul_(importance)).sum(dim=-1)
             if best_err is None:
                 best_err = err
                 continue

@@ -51,10 +51,11 @@ def int4_levels(codes: torch.Tensor) -> torch.Tensor:
 
 
 def searched_round_trip(
-    weight: torch.Tensor, bits: int, group: int, codebook: str, factors
+    weight: torch.Tensor, bits: int, group: int, codebook: str, factors, importance=None
 ) -> torch.Tensor:
     """W through symmetric round-to-nearest with each group's scale chosen, group by group, as
-    the first of absmax scale x `factors` with the least squared round-trip error."""
+    the first of absmax scale x `factors` with the least squared round-trip error (each
+    column's squared error times importance[column] when given, one value per column of W)."""
     levels = nf4_codebook() if codebook == "nf4" else None
     out = torch.empty_like(weight, dtype=torch.float32)
     for r in range(weight.shape[0]):
@@ -71,7 +72,8 @@ def searched_round_trip(
                 else:
                     half = 2 ** (bits - 1)
                     values = torch.clamp(torch.round(w / s), -half, half - 1) * s
-                err = float(((values - w) ** 2).sum())
+                weights = 1.0 if importance is None else importance[a : a + group]
+                err = float((weights * (values - w) ** 2).sum())
                 if best_err is None or err < best_err:
                     best, best_err = values, err
             out[r, a : a + group] = best

@@ -87,6 +87,10 @@ class QuantSettings:
     """Each group's scale the one among its absmax scale x 1, 0.995, ..., 0.75 with the least
     round-trip error, not the absmax (lowmem.quantize.searched_scales; symmetric formats, RTN
     and GPTQ alike). Same format. Skipped under the simulated meter (values are never read)."""
+    gptq_weighted_search: bool = False
+    """Method gptq with scale_search: each candidate scale's squared round-trip error weighted,
+    column by column, by diag(X^T X) of the calibration inputs, so the search minimises an
+    estimate of the layer's output error instead of its weight error. Same format."""
     loftq_iters: int = 0
     """LoftQ-style adapter init (lowmem.loftq): 0 = off (peft's init, B = 0), n = alternating
     quantize / SVD steps that make base + adapter approximate the FP32 weight."""
@@ -114,6 +118,13 @@ class QuantSettings:
                 value,
                 f"false unless quant_method=gptq (quant_method={self.method!r})",
             )
+        check(
+            not self.gptq_weighted_search or (self.method == "gptq" and self.scale_search),
+            "quant_gptq_weighted_search",
+            self.gptq_weighted_search,
+            f"false unless quant_method=gptq and quant_scale_search=true (quant_method="
+            f"{self.method!r}, quant_scale_search={str(self.scale_search).lower()})",
+        )
         check(self.loftq_iters >= 0, "quant_loftq_iters", self.loftq_iters, ">= 0 (0 = off)")
         check(
             not self.loftq_keep_codes or self.loftq_iters == 1,

@@ -98,6 +98,7 @@ def chosen_codes(model, q, meter: str, calibration: torch.Tensor | None) -> dict
             q.gptq_sequential,
             q.gptq_act_order,
             q.scale_search,
+            q.gptq_weighted_search,
         )
         chosen.update(codes)
     if q.loftq_iters:

@@ -71,10 +71,7 @@ SLOW_NOTEBOOKS = ("04_softmax_approx", "07_your_model")
 
 @pytest.mark.parametrize(
     "path",
-    [
-        pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p
-        for p in NOTEBOOKS
-    ],
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_NOTEBOOKS else p for p in NOTEBOOKS],
     ids=lambda p: p.stem,
 )
 def test_notebook_runs_under_papermill_and_writes_ok_records(path, tmp_path, results_tmp):

@@ -363,6 +363,25 @@ def test_searched_scales_equal_the_group_by_group_reference_and_never_lose(bits,
     assert float(err_searched.sum()) < 0.97 * float(err_plain.sum())
 
 
+@pytest.mark.parametrize("codebook", ["int", "nf4"])
+def test_weighted_scale_search_equals_the_group_by_group_reference(codebook):
+    """searched_scales with a per-column importance (lowmem.gptq's weighted_search, one group
+    at a time): the weighted error's argmin, group by group; uniform importance changes
+    nothing, a skewed one changes the chosen scales."""
+    from lowmem.quantize import SCALE_SHRINK, round_trip_values, searched_scales
+
+    w = torch.randn(12, 32, generator=torch.Generator().manual_seed(5))
+    w[0, 5] = 9.0
+    importance = torch.rand(32, generator=torch.Generator().manual_seed(6)) ** 4
+    scales = searched_scales(w[:, None, :], 4, codebook, importance)
+    got = round_trip_values(w[:, None, :], scales, 4, codebook)[:, 0]
+    want = reference.searched_round_trip(w, 4, 32, codebook, SCALE_SHRINK, importance)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    plain = searched_scales(w[:, None, :], 4, codebook)
+    assert torch.equal(searched_scales(w[:, None, :], 4, codebook, torch.full((32,), 4.0)), plain)
+    assert not torch.equal(scales, plain)
+
+
 def test_scale_search_is_refused_without_a_symmetric_format():
     from lowmem.config import StackConfig
 

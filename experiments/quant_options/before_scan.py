@@ -44,6 +44,8 @@ OPTIONS = {  # name -> stack spec; "fp32" is the reference every gap is taken ag
     "calib8192_seq_act_keep": SEQ_ACT + ",quant_loftq_keep_codes=true",  # GPTQ codes + SVD
     "calib8192_seq_act_loftq0_search": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0")
     + ",quant_scale_search=true",
+    "calib8192_seq_act_loftq0_wsearch": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0")
+    + ",quant_scale_search=true,quant_gptq_weighted_search=true",
     "calib32768_seq_act_loftq0_search": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0").replace(
         "calib_tokens=8192", "calib_tokens=32768"
     )
