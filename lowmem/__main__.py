@@ -4,6 +4,7 @@ export-base,convert,budget,clean} --help`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -127,7 +128,15 @@ def _quality(args: argparse.Namespace) -> int:
     for row in args.rows or ():
         if row not in quality.ROWS:
             raise ValueError(f"unknown row {row!r}; choose from {', '.join(quality.ROWS)}")
-    quality.run(args.tasks or quality.TASKS, args.rows or quality.PRIORITY, force=args.force)
+    protocol = quality.Protocol()
+    for seed in args.seeds or ():
+        if seed < 0:
+            raise ValueError(f"seed {seed} is negative; seeds are integers >= 0")
+    if args.seeds:
+        protocol = dataclasses.replace(protocol, seeds=tuple(args.seeds))
+    quality.run(
+        args.tasks or quality.TASKS, args.rows or quality.PRIORITY, protocol, force=args.force
+    )
     print(write_table()[1].read_text())
     return 0
 

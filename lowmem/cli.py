@@ -137,6 +137,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     q.add_argument("--tasks", nargs="+", default=None, help="sharegpt and/or shakespeare")
     q.add_argument("--rows", nargs="+", default=None, help="rows of lowmem.quality.ROWS")
+    q.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="training seeds to run (default the protocol's 0 1 2); two processes with different "
+        "seeds share the work across cores",
+    )
     q.add_argument("--force", action="store_true", help="train rows already recorded again")
 
     sub.add_parser(

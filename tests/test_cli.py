@@ -199,3 +199,17 @@ def test_no_command_takes_a_path_into_a_record_or_table_name(argv, capsys, resul
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert not results_tmp.exists()
+
+
+def test_quality_seeds_reach_the_protocol_and_a_negative_one_is_refused(capsys, monkeypatch):
+    from lowmem import quality, quality_table
+
+    calls = []
+    monkeypatch.setattr(quality, "run", lambda tasks, rows, protocol, force: calls.append(protocol))
+    monkeypatch.setattr(
+        quality_table, "write_table", lambda: (None, type("P", (), {"read_text": str})())
+    )
+    assert main(["quality", "--rows", "lora", "--tasks", "shakespeare", "--seeds", "2", "0"]) == 0
+    assert [p.seeds for p in calls] == [(2, 0)]
+    assert main(["quality", "--seeds", "-1"]) == 2 and not calls[1:]
+    assert "seed -1 is negative" in capsys.readouterr().err
