@@ -7,14 +7,20 @@ vocabulary is walked in chunks of C rows of W:
 
     forward:  for each chunk: z = h W_c^T (N x C); running max m and sum s of exp(z - m)
               (online log-sum-exp); pick the target's logit when it falls in the chunk.
-              loss = mean over trainable rows of (m + log s - z_target); save h and lse.
-    backward: for each chunk: z = h W_c^T again; p = exp(z - lse) - onehot(target);
-              grad_h += (p * grad / N_valid) W_c.
+              loss = mean over trainable rows of (m + log s - z_target).
+              When a gradient is wanted, the same pass builds it: d lse / d h is
+              sum_v softmax(z)_v W_v, an attention whose keys and values are both the head's
+              rows, so it accumulates online as flash attention's output does:
+              A = A exp(m_old - m) + exp(z - m) W_c, and the target's row W_t is picked from
+              the chunk that holds it. grad_h = (A / s - W_t) / N_valid, saved for backward.
+    backward: grad_h times the incoming gradient of the loss.
 
-Peak extra memory: one N x C block, its gradient block and one C x D chunk of W (dequantized
-from INT4 chunk by chunk when the head is quantized), e.g. N = 4915, C = 4096 on Llama: 2 x
-80 MiB + 48 MiB, instead of 3 x 2.3 GiB + 1.47 GiB. Compute: three head matmuls instead of
-two (backward recomputes the logits instead of keeping them), plus an exp per element.
+Peak extra memory: one N x C block, one C x D chunk of W (dequantized from INT4 chunk by chunk
+when the head is quantized) and four N x D (h, A, W_t and the picked rows of one chunk), e.g.
+N = 4915, C = 4096 on Llama: 80 + 48 + 4 x 58 MiB, instead of 3 x 2.3 GiB + 1.47 GiB.
+Compute: two head matmuls per step, as the plain loss (logits, then their gradient), and the
+head is read once (a streamed head: once from disk); an earlier version recomputed the logits
+in backward (three matmuls, the head read twice: experiments/LOG.md, session 13).
 
 Numerics: FP32 throughout; equal to `torch.nn.functional.cross_entropy` within FP32
 rounding (tests: rtol 1e-5). Rows whose target is -100 contribute nothing. The head must be
@@ -43,50 +49,49 @@ def fused_cross_entropy(
     weight = getattr(head, "weight", None)
     if weight is not None and weight.requires_grad:
         raise ValueError("fused_cross_entropy needs a frozen LM head (its weight has no grad)")
-    return _FusedLinearCrossEntropy.apply(hidden, targets, head, chunk)
+    want_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _FusedLinearCrossEntropy.apply(hidden, targets, head, chunk, want_grad)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, targets, head, chunk):
-        n, vocab = hidden.shape[0], head.out_features
+    def forward(ctx, hidden, targets, head, chunk, want_grad):
+        n = hidden.shape[0]
         m = torch.full((n,), float("-inf"), dtype=torch.float32, device=hidden.device)
         s = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         target_logit = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        for start in range(0, vocab, chunk):
-            stop = min(start + chunk, vocab)
-            z = hidden @ head_rows(head, start, stop).T
-            new_m = torch.maximum(m, z.amax(dim=1))
-            s = s * torch.exp(m - new_m) + torch.exp(z - new_m[:, None]).sum(dim=1)
-            m = new_m
+        if want_grad:  # sum_v exp(z_v - m) W_v, and the target's row W_t
+            acc, target_rows = torch.zeros_like(hidden), torch.zeros_like(hidden)
+        for start in range(0, head.out_features, chunk):
+            stop = min(start + chunk, head.out_features)
+            w = head_rows(head, start, stop)
+            z = hidden @ w.T
             inside, local = _local_targets(targets, start, stop)
             picked = z.gather(1, local[:, None]).squeeze(1)
             target_logit = torch.where(inside, picked, target_logit)
-            del z
+            new_m = torch.maximum(m, z.amax(dim=1))
+            rescale = torch.exp(m - new_m)
+            p = z.sub_(new_m[:, None]).exp_()  # exp(z - m), in z's storage
+            s = s * rescale + p.sum(dim=1)
+            m = new_m
+            if want_grad:
+                acc.mul_(rescale[:, None]).addmm_(p, w)
+                target_rows.addcmul_(w.index_select(0, local), inside[:, None])
+            del z, p, w
         lse = m + torch.log(s)
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum()
         loss = ((lse - target_logit) * valid).sum() / n_valid
-        ctx.save_for_backward(hidden, targets, lse, n_valid)
-        ctx.head, ctx.chunk = head, chunk
+        if want_grad:
+            acc.div_(s[:, None]).sub_(target_rows).mul_((valid / n_valid)[:, None])
+            del target_rows
+            ctx.save_for_backward(acc)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, targets, lse, n_valid = ctx.saved_tensors
-        head, chunk = ctx.head, ctx.chunk
-        scale = ((targets != IGNORE_INDEX) * (grad_loss / n_valid))[:, None]
-        grad_hidden = torch.zeros_like(hidden)
-        for start in range(0, head.out_features, chunk):
-            stop = min(start + chunk, head.out_features)
-            w = head_rows(head, start, stop)
-            p = torch.exp(hidden @ w.T - lse[:, None])
-            inside, local = _local_targets(targets, start, stop)
-            p.scatter_add_(1, local[:, None], -inside.to(p.dtype)[:, None])
-            p.mul_(scale)
-            grad_hidden.addmm_(p, w)
-            del p, w
-        return grad_hidden, None, None, None
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss, None, None, None, None
 
 
 def chunked_logits(hidden: torch.Tensor, head: torch.nn.Module, chunk: int = 4096) -> torch.Tensor:

@@ -48,6 +48,41 @@ def test_fused_loss_never_holds_an_n_by_v_tensor():
     assert tracker.peak - base < n * 777 * 4  # below one N x V FP32 tensor
 
 
+def test_one_pass_over_the_head_gives_loss_and_gradient_even_when_the_max_moves(monkeypatch):
+    """The gradient is built in forward (online, rescaled as the running max grows): the head
+    is read once per step, not twice, and large logits whose max moves from chunk to chunk
+    still match the reference."""
+    import lowmem.fused_loss as fused_loss
+
+    head, weight = _heads()[0]
+    reads = []
+    real_rows = fused_loss.head_rows
+    monkeypatch.setattr(fused_loss, "head_rows", lambda *a: reads.append(a[1:]) or real_rows(*a))
+    hidden = (30 * torch.randn(17, 64)).requires_grad_(True)
+    targets = torch.randint(0, 777, (17,))
+    ref_h = hidden.detach().clone().requires_grad_(True)
+    F.cross_entropy(ref_h @ weight.T, targets).backward()
+    fused_cross_entropy(hidden, targets, head, chunk=100).backward()
+    assert reads == [(a, min(a + 100, 777)) for a in range(0, 777, 100)]
+    torch.testing.assert_close(hidden.grad, ref_h.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_gradient_the_loss_builds_none():
+    head, _ = _heads()[0]
+    n = 64
+    hidden, targets = torch.randn(n, 64, requires_grad=True), torch.randint(0, 777, (n,))
+    peaks = []
+    for grad in (True, False):
+        tracker = LiveStorageTracker()
+        tracker.register([hidden, targets, head.weight])
+        base = tracker.live
+        with tracker, torch.set_grad_enabled(grad):
+            loss = fused_cross_entropy(hidden, targets, head, chunk=100)
+        peaks.append(tracker.peak - base)
+        assert loss.requires_grad == grad
+    assert peaks[0] - peaks[1] >= 2 * n * 64 * 4  # the accumulator and the target rows
+
+
 def test_bad_chunk_and_trainable_head_are_refused():
     lin = torch.nn.Linear(4, 10)
     with pytest.raises(ValueError, match="bad chunk=0"):
