@@ -43,7 +43,7 @@ def usable(codes: torch.Tensor, scales: torch.Tensor) -> bool:
         numba is not None
         and _get_current_dispatch_mode() is None
         and codes.device.type == "cpu"
-        and scales.dtype == torch.float32
+        and scales.dtype in (torch.float32, torch.float16)  # FP16: expanded from an FP32 copy
         and not is_fake(codes)
         and not is_fake(scales)
     )

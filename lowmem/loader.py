@@ -93,9 +93,10 @@ def load_quantized(
         raise ValueError(f"bad block_bytes={block_bytes}: must be > 0")
     if not cfg.quant.plain:  # lowmem.quantize options the loader and converted format lack
         raise ValueError(
-            "load_quantized reads the round-to-nearest INT format only; quant_codebook, "
-            "quant_method, quant_scale_search, quant_loftq_iters and quant_vocab_bits need the "
-            "FP32 model: build it (lowmem.models.load_from_directory) and apply_stack it"
+            "load_quantized reads the round-to-nearest INT format with FP32 scales only; "
+            "quant_codebook, quant_method, quant_scale_search, quant_loftq_iters, "
+            "quant_vocab_bits and quant_scale_dtype need the FP32 model: build it "
+            "(lowmem.models.load_from_directory) and apply_stack it"
         )
     path = check_model_dir(model_dir)
     manifest = check_loadable(path, cfg)

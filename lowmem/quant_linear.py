@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lowmem.models import base_model
-from lowmem.quantize import BACKENDS, QuantizedWeight, quantize
+from lowmem.quantize import BACKENDS, SCALE_DTYPES, QuantizedWeight, quantize, with_scale_dtype
 from lowmem.weights import FrozenWeight, PackedWeight, frozen_matmul
 
 
@@ -143,6 +143,7 @@ def apply_quantize(
     vocab_bits: int = 0,
     chosen: dict[str, QuantizedWeight] | None = None,
     scale_search: bool = False,
+    scale_dtype: str = "fp32",
 ) -> QuantReport:
     """Quantize every base linear of the decoder layers and the embedding / LM head, in place.
 
@@ -158,13 +159,16 @@ def apply_quantize(
     (0 = `bits`) is the embedding / LM head's bit width (INT at 8 bits, groups of
     `group_size`); neither applies to a given `packed`. `chosen` {name: weight} overrides the
     decoder linears it names (codes from `lowmem.gptq` or `lowmem.loftq`). `scale_search`: every
-    group scale searched (`lowmem.quantize.searched_scales`), not the absmax.
+    group scale searched (`lowmem.quantize.searched_scales`), not the absmax. `scale_dtype`:
+    how every lowmem weight's scales are stored (`lowmem.quantize.with_scale_dtype`).
 
     Comes before `apply_tiled_mlp` and `apply_checkpoint` (as in `lowmem.stack.apply_stack`):
     they hold on to the layers they find, so a model they changed is refused.
     """
     if backend not in BACKENDS:
         raise ValueError(f"bad quant_backend={backend!r}: must be one of {BACKENDS}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"bad scale_dtype={scale_dtype!r}: must be one of {tuple(SCALE_DTYPES)}")
     if packed is not None and backend != "lowmem":
         raise ValueError(f"apply_quantize(packed=...) builds lowmem layers, not {backend!r}")
     table = packed
@@ -201,7 +205,7 @@ def apply_quantize(
             if backend == "lowmem":
                 w = module.weight
                 qw = chosen.get(names[id(w)]) or packed(names[id(w)], w)
-                q = QuantLinear(qw, module.bias, chunk)
+                q = QuantLinear(with_scale_dtype(qw, scale_dtype), module.bias, chunk)
             else:
                 from lowmem.quantize_bnb import BnbLinear4bit
 
@@ -209,13 +213,16 @@ def apply_quantize(
             parent, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent), child, q)
             replaced.append((module.weight, q))
-    q_emb = QuantEmbedding(table(names[id(emb.weight)], emb.weight), chunk)
+    q_emb = QuantEmbedding(
+        with_scale_dtype(table(names[id(emb.weight)], emb.weight), scale_dtype), chunk
+    )
     base.set_input_embeddings(q_emb)
     replaced.append((emb.weight, q_emb.linear))
     if tied:
         base.set_output_embeddings(q_emb.linear)
     else:
-        q_head = QuantLinear(table(names[id(head.weight)], head.weight), head.bias, chunk)
+        q_table = with_scale_dtype(table(names[id(head.weight)], head.weight), scale_dtype)
+        q_head = QuantLinear(q_table, head.bias, chunk)
         base.set_output_embeddings(q_head)
         replaced.append((head.weight, q_head))
     n = sum(w.numel() for w, _ in replaced)

@@ -8,7 +8,7 @@ stored in 4 (or 8) bits and expanded back to FP32 just before each use:
 Format (defaults from SPEC §2): round-to-nearest, symmetric INT4, one FP32 scale per group of 32
 consecutive weights along the input dimension, two 4-bit codes packed per byte. Per weight that
 is 4/8 + 32/(8 x 32) = 0.5 + 0.125 = 0.625 bytes instead of 4, the figure Table 1 implies.
-Options: INT8, group size 64/128 or one group per output row (`group_size=0`), asymmetric
+Options: INT8, group size 16/64/128 or one group per output row (`group_size=0`), asymmetric
 (an FP32 zero point per group as well), bitsandbytes NF4/FP4 (`lowmem.quantize_bnb`), and
 `codebook="nf4"`: the same packed 4-bit codes and FP32 group scale, but a code stands for one of
 the 16 normal-float values of QLoRA (Dettmers et al. 2023, arXiv 2305.14314; `NF4`, the
@@ -27,18 +27,27 @@ Numerics: symmetric INT4 maps each group to {-8..7} x absmax/7; the round-trip e
 half a step, absmax/14 per weight (tests hold it to a budget per bit width and group size). NF4
 rounds w / absmax to the nearest codebook value: at most half the widest gap, (1 - 0.6962) / 2
 x absmax = 0.152 x absmax per weight (the gap between -1 and the next value; INT4: 0.071).
+
+Scales in FP16 (`with_scale_dtype`, `quant_scale_dtype="fp16"`): half the bytes per group, so
+groups of 16 cost what groups of 32 cost in FP32: 4/8 + 16/(8 x 16) = 0.625 B per weight, with
+half as many weights sharing a scale. The codes are chosen with the FP32 scales, which are then
+rounded to FP16 (10-bit mantissa): each weight moves by at most 2^-11 of its value, under 1% of
+an INT4 step (tests hold it to that). Expanded in FP32 as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from lowmem import expand_kernel
 
 BITS = (4, 8)
-GROUP_SIZES = (0, 32, 64, 128)  # 0 = one group per output row ("per channel")
+GROUP_SIZES = (0, 16, 32, 64, 128)  # 0 = one group per output row ("per channel")
+SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # how scales (and zeros) are stored
 BACKENDS = ("lowmem", "bnb-nf4", "bnb-fp4")
 CODEBOOKS = ("int", "nf4")  # what a 4-bit code stands for: an even level, or a normal float
 # QLoRA's NF4 values (bitsandbytes' table; `lowmem.reference.nf4_codebook` derives them)
@@ -54,7 +63,7 @@ NF4_ELEMENTS = 2**18  # codes expanded per index_select: the int32 index is at m
 
 @dataclass
 class QuantizedWeight:
-    """A packed weight: `codes` (uint8), FP32 `scales` (and `zeros`) per (row, group)."""
+    """A packed weight: `codes` (uint8), `scales` (and `zeros`) per (row, group), FP32 or FP16."""
 
     codes: torch.Tensor  # D_out x D_in/2 for INT4 (two codes per byte), D_out x D_in for INT8
     scales: torch.Tensor  # D_out x G
@@ -212,6 +221,25 @@ def nf4_codes(x: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, (table[1:] + table[:-1]) / 2).to(torch.uint8)
 
 
+def with_scale_dtype(qw: QuantizedWeight, scale_dtype: str) -> QuantizedWeight:
+    """`qw` with its scales (and zero points) stored as `scale_dtype` (SCALE_DTYPES), its codes
+    as they are; a scale FP16 cannot hold (above 65504) is refused, not stored as inf."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"bad scale_dtype={scale_dtype!r}: must be one of {tuple(SCALE_DTYPES)}")
+    dtype = SCALE_DTYPES[scale_dtype]
+    if qw.scales.dtype == dtype:
+        return qw
+    scales = qw.scales.to(dtype)
+    if not is_fake(scales) and not bool(torch.isfinite(scales).all()):
+        big = float(qw.scales.abs().max())
+        raise ValueError(
+            f"scale_dtype={scale_dtype!r} cannot hold a group scale of {big:.4g} (a weight of "
+            f"shape {qw.shape}); use scale_dtype='fp32'"
+        )
+    zeros = None if qw.zeros is None else qw.zeros.to(dtype)  # integers 0..255: exact
+    return dataclasses.replace(qw, scales=scales, zeros=zeros)
+
+
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """The whole FP32 weight, D_out x D_in."""
     return _expand(qw.codes, qw.scales, qw.zeros, qw.bits, qw.group_size, qw.codebook)
@@ -228,7 +256,8 @@ def dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor) -> torch.Tensor:
 def _expand(codes, scales, zeros, bits: int, group: int, codebook: str = "int") -> torch.Tensor:
     with torch.profiler.record_function("lowmem.dequantize"):  # attributes time in profiles
         if bits == 4 and zeros is None and expand_kernel.usable(codes, scales):
-            return expand_kernel.expand(codes, scales, NF4 if codebook == "nf4" else INT4_LEVELS)
+            values = NF4 if codebook == "nf4" else INT4_LEVELS
+            return expand_kernel.expand(codes, scales.float(), values)  # FP16 scales: a copy
         if codebook == "nf4":
             return _expand_nf4(codes, scales, group)
         return _expand_codes(codes, scales, zeros, bits, group)

@@ -72,6 +72,7 @@ def apply_stack(
             vocab_bits=q.vocab_bits,
             chosen=chosen_codes(model, q, meter, calibration),
             scale_search=q.scale_search and meter != "simulated",
+            scale_dtype=q.scale_dtype,
         )
     return apply_after_quantize(model, cfg, meter)
 

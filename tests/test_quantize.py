@@ -5,13 +5,21 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lowmem import assets, expand_kernel, reference
 from lowmem.memory import LiveStorageTracker
 from lowmem.quant_linear import QuantEmbedding, QuantLinear, apply_quantize
-from lowmem.quantize import QuantizedWeight, dequantize, dequantize_rows, quantize
+from lowmem.quantize import (
+    QuantizedWeight,
+    dequantize,
+    dequantize_rows,
+    quantize,
+    with_scale_dtype,
+)
 
 # Budget: relative Frobenius round-trip error ||W - deq(q(W))|| / ||W||, symmetric or not, on
 # N(0, 1) weights and on every 2-D weight of SmolLM2-135M (worst matrix). Measured (random /
 # real worst): INT4 g32 0.097 / 0.126, g64 0.108 / 0.155, g128 0.117 / 0.133, per row
-# 0.143 / 0.219; INT8 0.005-0.008 / 0.006-0.012.
+# 0.143 / 0.219; INT8 0.005-0.008 / 0.006-0.012. Random, g16: INT4 0.085, INT8 0.005.
 BUDGET = {
+    (4, 16): 0.13,
+    (8, 16): 0.01,
     (4, 32): 0.15,
     (4, 64): 0.18,
     (4, 128): 0.18,
@@ -319,6 +327,8 @@ def test_nf4_rows_and_lookups_equal_the_whole_matrix(monkeypatch):
         ({"quant_codebook": "nf8"}, "bad quant_codebook='nf8'"),
         ({"quant_method": "gptq", "quant_symmetric": False}, "bad quant_symmetric=False"),
         ({"quant_vocab_bits": 6}, "bad quant_vocab_bits=6"),
+        ({"quant_scale_dtype": "bf16"}, "bad quant_scale_dtype='bf16': must be one of fp32, fp16"),
+        ({"quant_backend": "bnb-nf4", "quant_scale_dtype": "fp16"}, "bad quant_backend='bnb-nf4'"),
         ({"quant_loftq_iters": -1}, "bad quant_loftq_iters=-1"),
         ({"quant_backend": "bnb-nf4", "quant_codebook": "nf4"}, "bad quant_backend='bnb-nf4'"),
     ],
@@ -391,15 +401,20 @@ def test_scale_search_is_refused_without_a_symmetric_format():
         StackConfig.from_flat("quantize", quant_symmetric=False, quant_scale_search=True)
 
 
+@pytest.mark.parametrize("scale_dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("codebook", ["int", "nf4"])
 @pytest.mark.parametrize(
-    "shape, group", [((5, 64), 32), ((3, 96), 0), ((7, 256), 128), ((1, 2), 0)]
+    "shape, group", [((5, 64), 32), ((3, 96), 0), ((7, 256), 128), ((1, 2), 0), ((4, 48), 16)]
 )
-def test_the_compiled_expansion_equals_the_pytorch_one_bit_for_bit(codebook, shape, group):
+def test_the_compiled_expansion_equals_the_pytorch_one_bit_for_bit(
+    codebook, shape, group, scale_dtype
+):
     """lowmem.expand_kernel against the PyTorch expansion it replaces on CPU: every byte value,
-    odd row counts, one group per row (group 0), and rows gathered (an embedding lookup)."""
+    odd row counts, one group per row (group 0), rows gathered (an embedding lookup), scales
+    stored in FP32 or FP16."""
     torch.manual_seed(0)
     qw = quantize(torch.randn(*shape), bits=4, group_size=group, codebook=codebook)
+    qw = with_scale_dtype(qw, scale_dtype)
     if qw.codes.numel() >= 256:
         qw.codes.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
     assert expand_kernel.usable(qw.codes, qw.scales)
@@ -421,3 +436,52 @@ def test_the_compiled_expansion_stays_out_of_dispatch_modes():
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(codes), mode.from_tensor(scales)
     assert not expand_kernel.usable(*fake)
+
+
+@pytest.mark.parametrize("codebook", ["int", "nf4"])
+def test_fp16_scales_buy_groups_of_16_at_the_bytes_of_fp32_groups_of_32(codebook):
+    """FP16 scales: half the scale bytes, so groups of 16 cost 0.625 B per weight as FP32
+    groups of 32 do, with less error; rounding a scale to FP16 moves each weight by at most
+    2^-11 of its value (FP16 has a 10-bit mantissa), asymmetric zero points stay exact."""
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(3))
+    g32 = quantize(w, 4, 32, codebook=codebook)
+    g16 = quantize(w, 4, 16, codebook=codebook)
+    half = with_scale_dtype(g16, "fp16")
+    assert half.scales.dtype == torch.float16 and torch.equal(half.codes, g16.codes)
+    assert half.nbytes == g32.nbytes == w.numel() * 0.625
+    exact, rounded = dequantize(g16), dequantize(half)
+    assert ((rounded - exact).abs() <= exact.abs() * 2**-11 + 1e-12).all()
+    assert (rounded - w).norm() < 0.95 * (dequantize(g32) - w).norm()
+    asym = quantize(w, 4, 16, symmetric=False)
+    asym_half = with_scale_dtype(asym, "fp16")
+    assert torch.equal(asym_half.zeros.float(), asym.zeros)
+    assert asym_half.nbytes == w.numel() * (0.5 + 4 / 16)
+
+
+def test_a_scale_fp16_cannot_hold_is_refused():
+    qw = quantize(torch.tensor([[1e6, 2.0]]), 4, 0)
+    with pytest.raises(
+        ValueError, match=r"scale_dtype='fp16' cannot hold a group scale of 1\.429e\+05"
+    ):
+        with_scale_dtype(qw, "fp16")
+    with pytest.raises(
+        ValueError, match=r"bad scale_dtype='fp8': must be one of \('fp32', 'fp16'\)"
+    ):
+        with_scale_dtype(qw, "fp8")
+
+
+def test_fp16_scales_reach_every_quantized_weight_of_the_stack():
+    from lowmem.config import StackConfig
+    from lowmem.models import build_model
+    from lowmem.stack import apply_stack
+
+    reports = {}
+    for options in ({}, {"quant_group_size": 16, "quant_scale_dtype": "fp16"}):
+        torch.manual_seed(0)
+        model = apply_stack(build_model("tiny-llama"), StackConfig.from_flat("quantize", **options))
+        packed = [m.frozen for m in model.modules() if hasattr(m, "frozen")]
+        dtypes = {p.packed().scales.dtype for p in packed if hasattr(p, "packed")}
+        reports[len(options)] = (sum(p.nbytes for p in packed), dtypes)
+    (bytes32, dtypes32), (bytes16, dtypes16) = reports.values()
+    assert dtypes32 == {torch.float32} and dtypes16 == {torch.float16}
+    assert bytes16 == bytes32
