@@ -46,6 +46,12 @@ OPTIONS = {  # name -> stack spec; "fp32" is the reference every gap is taken ag
     + ",quant_scale_search=true",
     "calib8192_seq_act_loftq0_wsearch": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0")
     + ",quant_scale_search=true,quant_gptq_weighted_search=true",
+    # FP16 scales, groups of 16: the same bytes as FP32 groups of 32 (lowmem.quantize)
+    "calib8192_seq_act_loftq0_search_g16": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0")
+    + ",quant_scale_search=true,quant_group_size=16,quant_scale_dtype=fp16",
+    "calib8192_seq_act_loftq0_wsearch_g16": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0")
+    + ",quant_scale_search=true,quant_gptq_weighted_search=true,quant_group_size=16"
+    + ",quant_scale_dtype=fp16",
     "calib32768_seq_act_loftq0_search": SEQ_ACT.replace("loftq_iters=1", "loftq_iters=0").replace(
         "calib_tokens=8192", "calib_tokens=32768"
     )
