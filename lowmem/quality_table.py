@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
 from lowmem import results
-from lowmem.quality import EXPERIMENT, REFERENCE, ROWS, Protocol
+from lowmem.config import StackConfig
+from lowmem.quality import EXPERIMENT, REFERENCE, ROWS, Protocol, row_config
+
+
+def check_definitions(records: list[dict]) -> None:
+    """Refuse a record whose configuration is not what its row defines today: the table labels
+    each row with `ROWS[row]`, so a row redefined after its runs (`best_chosen` has been,
+    more than once) would otherwise show old numbers under the new definition. A field the record lacks
+    (added later) counts as its default."""
+
+    def plain(config: dict) -> dict:  # as JSON holds it: tuples are lists
+        return json.loads(json.dumps(config))
+
+    default = plain(StackConfig().to_dict())
+    for r in records:
+        want = plain(row_config(r["row"], Protocol(), r["seed"]).stack.to_dict())
+        have = plain(r["config"])
+        diff = {
+            k: (have.get(k, default[k]), v) for k, v in want.items() if have.get(k, default[k]) != v
+        }
+        if diff:
+            fields = ", ".join(f"{k}={a!r} (row: {b!r})" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(
+                f"record {r['run_id']} ran a configuration that row {r['row']!r} no longer "
+                f"defines: {fields}; rename it to the row that defines what it ran (e.g. a "
+                "`_vN` row kept for the old definition), or run the row again with --force"
+            )
 
 
 def quality_frame(records: list[dict]) -> pd.DataFrame:
@@ -65,6 +92,7 @@ def write_table() -> tuple[Path, Path]:
     records = results.load_records(EXPERIMENT)
     if not records:
         raise ValueError(f"no records under {results.results_dir() / 'raw' / EXPERIMENT}")
+    check_definitions(records)
     frame = quality_frame(records)
     out = results.results_dir() / "tables"
     out.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,15 @@ def test_the_table_pairs_each_seed_with_the_reference_seed_and_shows_the_spread(
     assert frame.loc["int4", "vs_ref_sd"] == pytest.approx(0.0707107, rel=1e-5)
     assert frame.loc["best", "vs_ref"] == pytest.approx(0.05)  # seed 0 only
     assert frame.loc["lora", "vs_ref"] == 0
+
+
+def test_a_record_of_a_redefined_row_is_refused_not_relabelled():
+    config = quality.row_config("int4", quality.Protocol(), 1).stack.to_dict()
+    record = {"run_id": "sharegpt__int4__seed1", "row": "int4", "seed": 1}
+    quality_table.check_definitions([{**record, "config": config}])  # today's definition
+    del config["quant_scale_dtype"]  # a field added after the run: its default ran
+    quality_table.check_definitions([{**record, "config": config}])
+    with pytest.raises(
+        ValueError, match=r"sharegpt__int4__seed1 ran .* quant_group_size=64 \(row: 32\)"
+    ):
+        quality_table.check_definitions([{**record, "config": {**config, "quant_group_size": 64}}])
