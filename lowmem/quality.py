@@ -14,13 +14,15 @@ how the loss is computed:
 and issue 15's quantization options, each on the INT4 row (NF4 codebook, GPTQ calibrated on
 the first 512 training tokens, LoftQ-style adapter init, 8-bit embedding / LM head), then
 `best_chosen`: best with NF4 + GPTQ (8192 calibration tokens, sequential, act-order with static
-groups, group scales searched with each column's error weighted by its input's energy) + the
-8-bit table and no LoftQ step (LoftQ re-rounds q / v to nearest, discarding their GPTQ codes),
-the option set the eval-only scan ranked first (experiments/quant_options/before_scan.py,
-README there). The earlier definitions stay rows so that their records still name one, and
-are not run by default: `best_chosen_v1` (GPTQ from 512 tokens, FP32-fed, natural order, one
-LoftQ step), `best_chosen_v2` (session 10: no scale search), `best_chosen_v3` (session 11:
-the unweighted scale search).
+groups, group scales searched with each column's error weighted by its input's energy, groups
+of 16 with FP16 scales: the bytes of FP32 groups of 32) + the 8-bit table and no LoftQ step
+(LoftQ re-rounds q / v to nearest, discarding their GPTQ codes), the option set the eval-only
+scan ranked first (experiments/quant_options/before_scan.py, README there). The earlier
+definitions stay rows so that their records still name one (`lowmem.quality_table` refuses a
+record its row no longer defines), and are not run by default: `best_chosen_v1` (GPTQ from
+512 tokens, FP32-fed, natural order, one LoftQ step), `best_chosen_v2` (session 10: no scale
+search), `best_chosen_v3` (session 11: the unweighted scale search), `best_chosen_v4`
+(session 12: FP32 scales in groups of 32).
 
 Two tasks: ShareGPT conversations, assistant tokens trainable (instruction tuning), and
 Shakespeare blocks (domain adaptation; whole plays held out). Each run reports the held-out
@@ -90,9 +92,13 @@ ROWS = {  # row -> stack spec; cumulative like Table 1
     "best_chosen_v3": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
     "quant_calib_tokens=8192,quant_gptq_sequential=true,quant_gptq_act_order=true,"
     "quant_scale_search=true",
-    "best_chosen": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
+    "best_chosen_v4": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
     "quant_calib_tokens=8192,quant_gptq_sequential=true,quant_gptq_act_order=true,"
     "quant_scale_search=true,quant_gptq_weighted_search=true",
+    "best_chosen": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
+    "quant_calib_tokens=8192,quant_gptq_sequential=true,quant_gptq_act_order=true,"
+    "quant_scale_search=true,quant_gptq_weighted_search=true,quant_group_size=16,"
+    "quant_scale_dtype=fp16",
 }
 REFERENCE = "lora"
 # the order rows run in: the paper's rows and best first, the K / rule variants last
