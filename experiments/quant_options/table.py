@@ -25,23 +25,29 @@ for k, v in err["vocab"].items():
 print("\n| weights (no training) | held-out loss | vs FP32 |\n|---|---|---|")
 for k, v in err["held_out_loss"].items():
     print(f"| {k} | {v:.4f} | {v - err['held_out_loss']['fp32']:+.4f} |")
-print("\n| T | best today (B) | best, chosen options (B) | diff | weights read per step |")
-print("|---|---|---|---|---|")
+print("\n| T | best today (B) | chosen, session 10 (B) | diff | chosen, FP16 g16 (B) | diff |")
+print("|---|---|---|---|---|---|")
 chosen = (  # quality.ROWS["best_chosen"], session 10 (measure_3b.sh)
     "__quant_codebook=nf4__quant_method=gptq__quant_calib_tokens=8192"
     "__quant_gptq_sequential=True__quant_gptq_act_order=True__quant_vocab_bits=8"
 )
+chosen16 = "__quant_group_size=16__quant_scale_dtype=fp16" + chosen  # session 13
+
+
+def cell(path: Path, base: int) -> str:
+    if not path.exists():
+        return "not measured | |"
+    peak = json.loads(path.read_text())["metrics"]["peak_bytes"]
+    return f"{peak:,} | {(peak / base - 1) * 100:+.2f}% |"
+
+
 for t in (1024, 2048, 4096, 8192, 16384):
     name = f"llama-3.2-3b__best__T{t}__simulated"
     today = RAW / "quant_options" / f"{name}.json"
     today = today if today.exists() else RAW / "table1" / f"{name}.json"
-    new = RAW / "quant_options" / f"{name}{chosen}.json"
-    if not new.exists():
-        print(f"| {t} | not measured | | | |")
-        continue
-    a, b = (json.loads(p.read_text())["metrics"] for p in (today, new))
+    base = json.loads(today.read_text())["metrics"]["peak_bytes"]
     print(
-        f"| {t} | {a['peak_bytes']:,} ({today.parent.name}) | {b['peak_bytes']:,} | "
-        f"{(b['peak_bytes'] / a['peak_bytes'] - 1) * 100:+.2f}% | "
-        f"{a['offload']['weights_bytes_read']:,} -> {b['offload']['weights_bytes_read']:,} |"
+        f"| {t} | {base:,} ({today.parent.name}) | "
+        f"{cell(RAW / 'quant_options' / f'{name}{chosen}.json', base)} "
+        f"{cell(RAW / 'quant_options' / f'{name}{chosen16}.json', base)}"
     )
