@@ -15,9 +15,9 @@ from lowmem.quality import EXPERIMENT, REFERENCE, ROWS, Protocol, row_config
 
 def check_definitions(records: list[dict]) -> None:
     """Refuse a record whose configuration is not what its row defines today: the table labels
-    each row with `ROWS[row]`, so a row redefined after its runs (`best_chosen` has been,
-    more than once) would otherwise show old numbers under the new definition. A field the record lacks
-    (added later) counts as its default."""
+    each row with `ROWS[row]`, so a row redefined after its runs (`best_chosen` has been, more
+    than once) would otherwise show old numbers under the new definition. A field the record
+    lacks (added later) counts as its default."""
 
     def plain(config: dict) -> dict:  # as JSON holds it: tuples are lists
         return json.loads(json.dumps(config))

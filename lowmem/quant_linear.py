@@ -24,7 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from lowmem.models import base_model
-from lowmem.quantize import BACKENDS, SCALE_DTYPES, QuantizedWeight, quantize, with_scale_dtype
+from lowmem.quantize import (
+    BACKENDS,
+    QuantizedWeight,
+    check_scale_dtype,
+    quantize,
+    with_scale_dtype,
+)
 from lowmem.weights import FrozenWeight, PackedWeight, frozen_matmul
 
 
@@ -167,8 +173,7 @@ def apply_quantize(
     """
     if backend not in BACKENDS:
         raise ValueError(f"bad quant_backend={backend!r}: must be one of {BACKENDS}")
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"bad scale_dtype={scale_dtype!r}: must be one of {tuple(SCALE_DTYPES)}")
+    check_scale_dtype(scale_dtype)  # before any layer is replaced
     if packed is not None and backend != "lowmem":
         raise ValueError(f"apply_quantize(packed=...) builds lowmem layers, not {backend!r}")
     table = packed

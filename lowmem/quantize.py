@@ -221,12 +221,17 @@ def nf4_codes(x: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, (table[1:] + table[:-1]) / 2).to(torch.uint8)
 
 
+def check_scale_dtype(scale_dtype: str) -> torch.dtype:
+    """The torch dtype of a SCALE_DTYPES name; any other name is refused."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"bad scale_dtype={scale_dtype!r}: must be one of {tuple(SCALE_DTYPES)}")
+    return SCALE_DTYPES[scale_dtype]
+
+
 def with_scale_dtype(qw: QuantizedWeight, scale_dtype: str) -> QuantizedWeight:
     """`qw` with its scales (and zero points) stored as `scale_dtype` (SCALE_DTYPES), its codes
     as they are; a scale FP16 cannot hold (above 65504) is refused, not stored as inf."""
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"bad scale_dtype={scale_dtype!r}: must be one of {tuple(SCALE_DTYPES)}")
-    dtype = SCALE_DTYPES[scale_dtype]
+    dtype = check_scale_dtype(scale_dtype)
     if qw.scales.dtype == dtype:
         return qw
     scales = qw.scales.to(dtype)
