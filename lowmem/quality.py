@@ -41,8 +41,12 @@ reports the held-out exact loss of the trained adapter there (`eval_loss_fp32_ba
 the adapter meets a base it was not trained on (and no longer the INT4 error it learned to undo).
 
 Records: results/raw/quality/<task>__<row>__seed<k>.json, one per finished run, so `make
-quality` resumes where it stopped; table: results/tables/quality.{csv,md} (mean and spread over
-the seeds). The first, 12-step, one-seed protocol's records and table are in
+quality` resumes where it stopped. A run in progress lives in results/runs/quality/<run id>/
+(`lowmem.resume`: checkpoint every CHECKPOINT_EVERY steps, not committed) and a killed run
+continues from its last checkpoint, bit for bit the losses of an unbroken run (test); the
+folder goes once the record is written, and one left by an older definition of the row (or
+another protocol) is discarded with a warning. Table: results/tables/quality.{csv,md} (mean
+and spread over the seeds). The first, 12-step, one-seed protocol's records and table are in
 results/raw/quality_12steps/ and results/tables/quality_12steps.md (written at 3223175).
 """
 
@@ -50,7 +54,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import tempfile
+import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,8 +69,9 @@ from lowmem.data import load_task
 from lowmem.heldout import heldout_metrics
 from lowmem.loss import compute_loss
 from lowmem.models import build_model, load_tokenizer
+from lowmem.resume import check_run
 from lowmem.step import COLUMNS, evaluate, to_batch
-from lowmem.train import TrainConfig, make_config, train, training_model
+from lowmem.train import TrainConfig, make_config, run_identity, train, training_model
 
 EXPERIMENT = "quality"
 TASKS = ("sharegpt", "shakespeare")
@@ -101,6 +107,7 @@ ROWS = {  # row -> stack spec; cumulative like Table 1
     "quant_scale_dtype=fp16",
 }
 REFERENCE = "lora"
+CHECKPOINT_EVERY = 10  # steps between checkpoints (SmolLM2: 921,600 LoRA values x 12 B = 11 MB)
 # the order rows run in: the paper's rows and best first, the K / rule variants last
 PRIORITY = ("lora", "int4", "best", "best_chosen", "nf4", "gptq", "loftq", "vocab8", "scale_search")
 PRIORITY += ("checkpoint", "sm_topk_1000", "logits_mask")
@@ -161,32 +168,38 @@ def run_row(
     seed: int = 0,
     progress: bool = True,
     fp32_base: torch.nn.Module | None = None,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+    force: bool = False,
 ) -> dict:
     """Train one row on `task` (a lowmem.data.Task) with training seed `seed` and write its
-    record. `fp32_base`: the pretrained FP32 model, if the caller has built it already (it is
+    record, continuing the run's checkpoint if a killed process left one (`force`: start
+    over). `fp32_base`: the pretrained FP32 model, if the caller has built it already (it is
     copied, never changed)."""
-    cfg = row_config(row, protocol, seed)
-    with tempfile.TemporaryDirectory(prefix="lowmem-quality-") as out:
-        with training_model(
-            protocol.model, cfg.stack, init="pretrained", train_ds=task.train
-        ) as model:
-            summary = train(model, cfg, task.train, task.test, out, progress=progress)
-            heldout = heldout_metrics(
-                model,
-                task.test,
-                protocol.batch_size,
-                protocol.eval_batches,
-                cfg.stack.kernels.loss_chunk,
-            )
-            fixed = to_batch(
-                task.train.select_columns(list(COLUMNS)).with_format("torch"),
-                list(range(protocol.batch_size)),
-                next(model.parameters()).device,
-            )
-            cosine = grad_cosine(model, cfg.stack, fixed)
-        del model  # the row's model goes before the FP32 copy is made
-        deployed = fp32_base_model(protocol.model, Path(out) / "adapter", fp32_base)
-        fp32_loss = fp32_base_loss(deployed, task.test, protocol)
+    cfg = dataclasses.replace(row_config(row, protocol, seed), checkpoint_every=checkpoint_every)
+    out = run_dir(task_name, row, seed)
+    identity = {"model": protocol.model, "task": task_name, "row": row}
+    identity["protocol"] = {k: v for k, v in asdict(protocol).items() if k != "seeds"}
+    _discard_stale(out, cfg, identity, force)
+    with training_model(protocol.model, cfg.stack, init="pretrained", train_ds=task.train) as model:
+        summary = train(
+            model, cfg, task.train, task.test, out, True, progress=progress, tags=identity
+        )
+        heldout = heldout_metrics(
+            model,
+            task.test,
+            protocol.batch_size,
+            protocol.eval_batches,
+            cfg.stack.kernels.loss_chunk,
+        )
+        fixed = to_batch(
+            task.train.select_columns(list(COLUMNS)).with_format("torch"),
+            list(range(protocol.batch_size)),
+            next(model.parameters()).device,
+        )
+        cosine = grad_cosine(model, cfg.stack, fixed)
+    del model  # the row's model goes before the FP32 copy is made
+    deployed = fp32_base_model(protocol.model, out / "adapter", fp32_base)
+    fp32_loss = fp32_base_loss(deployed, task.test, protocol)
     (first, before), (_, after) = summary["eval_losses"][0], summary["eval_losses"][-1]
     assert first == 0, "the run must evaluate the untrained adapter first"
     record = {
@@ -218,7 +231,29 @@ def run_row(
         "environment": results.environment(),
     }
     results.write_record(EXPERIMENT, record)
+    shutil.rmtree(out)  # the record holds what the run found; its folder has served
     return record
+
+
+def run_dir(task_name: str, row: str, seed: int) -> Path:
+    """Where a run in progress keeps its checkpoint (`lowmem.resume`), until its record."""
+    return results.results_dir() / "runs" / EXPERIMENT / run_id(task_name, row, seed)
+
+
+def _discard_stale(out: Path, cfg: TrainConfig, identity: dict, force: bool) -> None:
+    """Remove a run folder that cannot be continued: with `force`, or when it holds a run of
+    another definition of the row or another protocol (a warning names the difference)."""
+    if not out.exists():
+        return
+    if not force:
+        try:
+            check_run(out, run_identity(cfg, identity), resume=True)
+            return
+        except ValueError as e:
+            warnings.warn(
+                f"discarding an unfinished run that cannot be continued: {e}", stacklevel=3
+            )
+    shutil.rmtree(out)
 
 
 def fp32_base_model(
@@ -284,5 +319,5 @@ def run(
         if fp32_base is None:
             fp32_base = build_model(protocol.model, "pretrained").eval()
         task = loaded[task_name]  # each run shows its own step bar: 15-30 min apiece
-        written.append(run_row(task, task_name, row, protocol, seed, True, fp32_base))
+        written.append(run_row(task, task_name, row, protocol, seed, True, fp32_base, force=force))
     return written

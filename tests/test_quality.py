@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from lowmem import assets, quality, quality_table, results
@@ -90,3 +92,68 @@ def test_a_record_of_a_redefined_row_is_refused_not_relabelled():
         ValueError, match=r"sharegpt__int4__seed1 ran .* quant_group_size=64 \(row: 32\)"
     ):
         quality_table.check_definitions([{**record, "config": {**config, "quant_group_size": 64}}])
+
+
+@pytest.mark.slow  # ~190 s on 2 cores beside two other jobs (five GGUF loads)
+def test_a_killed_run_continues_from_its_checkpoint_to_the_same_record(results_tmp, monkeypatch):
+    from lowmem.data import load_task
+    from lowmem.models import build_model, load_tokenizer
+
+    protocol = dataclasses.replace(SMOKE, steps=4, eval_every=4)
+    task = load_task("shakespeare", load_tokenizer(protocol.model), protocol.seq_len, limit=2)
+    base = build_model(protocol.model, "pretrained").eval()
+    args = (task, "shakespeare", "int4", protocol, 0, False, base)
+    whole = quality.run_row(*args, checkpoint_every=2)["metrics"]
+    results.record_path("quality", "shakespeare__int4__seed0").unlink()
+    out = quality.run_dir("shakespeare", "int4", 0)
+    assert not out.exists()  # a finished run leaves its record only
+
+    train = quality.train
+
+    def killed_after_step_3(*a, **k):
+        def kill(entry):
+            if entry["step"] == 3:
+                raise KeyboardInterrupt
+
+        return train(*a, **k, callback=kill)
+
+    monkeypatch.setattr(quality, "train", killed_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        quality.run_row(*args, checkpoint_every=2)
+    assert (out / "checkpoint").is_dir()
+    assert not results.record_path("quality", "shakespeare__int4__seed0").exists()
+    steps = []
+
+    def watched(*a, **k):
+        return train(*a, **k, callback=lambda entry: steps.append(entry["step"]))
+
+    monkeypatch.setattr(quality, "train", watched)
+    again = quality.run_row(*args, checkpoint_every=2)["metrics"]
+    assert steps == [3, 4]  # from the checkpoint of step 2, not from the start
+    assert again["train_losses"] == whole["train_losses"]  # step 3 redone, bit for bit
+    for key in ("eval_loss", "eval_loss_fp32_base", "accuracy", "grad_cosine"):
+        assert again[key] == whole[key], key
+    assert not out.exists()
+
+
+def test_an_unfinished_run_is_kept_if_it_can_continue_else_discarded_with_a_warning(results_tmp):
+    from lowmem.resume import open_run
+    from lowmem.train import run_identity
+
+    out, tags = quality.run_dir("sharegpt", "int4", 0), {"row": "int4"}
+    cfg = quality.row_config("int4", SMOKE)
+    open_run(out, run_identity(cfg, tags), resume=False)
+    quality._discard_stale(out, cfg, tags, force=False)
+    assert (out / "run.json").is_file()  # the same run: continued
+    g64 = dataclasses.replace(cfg, stack=cfg.stack.with_settings(quant_group_size=64))
+    with pytest.warns(UserWarning, match="discarding an unfinished run .*quant_group_size"):
+        quality._discard_stale(out, g64, tags, force=False)
+    assert not out.exists()
+    out.mkdir(parents=True)
+    (out / "stray.txt").write_text("not a run")
+    with pytest.warns(UserWarning, match="no run.json"):
+        quality._discard_stale(out, cfg, tags, force=False)
+    assert not out.exists()
+    open_run(out, run_identity(cfg, tags), resume=False)
+    quality._discard_stale(out, cfg, tags, force=True)  # force: start over, silently
+    assert not out.exists()
