@@ -12,7 +12,8 @@ how the loss is computed:
     top-1000 approximation, as in the paper) -> best (exact loss)
 
 and issue 15's quantization options, each on the INT4 row (NF4 codebook, GPTQ calibrated on
-the first 512 training tokens, LoftQ-style adapter init, 8-bit embedding / LM head), then
+the first 512 training tokens, LoftQ-style adapter init, 8-bit embedding / LM head, searched
+group scales, groups of 16 with FP16 scales), then
 `best_chosen`: best with NF4 + GPTQ (8192 calibration tokens, sequential, act-order with static
 groups, group scales searched with each column's error weighted by its input's energy, groups
 of 16 with FP16 scales: the bytes of FP32 groups of 32) + the 8-bit table and no LoftQ step
@@ -93,6 +94,7 @@ ROWS = {  # row -> stack spec; cumulative like Table 1
     "best_chosen_v1": "best:quant_codebook=nf4,quant_method=gptq,quant_loftq_iters=1,"
     "quant_vocab_bits=8",
     "scale_search": "quantize:quant_scale_search=true",
+    "g16_fp16": "quantize:quant_group_size=16,quant_scale_dtype=fp16",  # the bytes of g32 FP32
     "best_chosen_v2": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
     "quant_calib_tokens=8192,quant_gptq_sequential=true,quant_gptq_act_order=true",
     "best_chosen_v3": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
@@ -110,6 +112,7 @@ REFERENCE = "lora"
 CHECKPOINT_EVERY = 10  # steps between checkpoints (SmolLM2: 921,600 LoRA values x 12 B = 11 MB)
 # the order rows run in: the paper's rows and best first, the K / rule variants last
 PRIORITY = ("lora", "int4", "best", "best_chosen", "nf4", "gptq", "loftq", "vocab8", "scale_search")
+PRIORITY += ("g16_fp16",)
 PRIORITY += ("checkpoint", "sm_topk_1000", "logits_mask")
 PRIORITY += tuple(r for r in ROWS if r.startswith("sm_") and r != "sm_topk_1000")
 
