@@ -1,6 +1,6 @@
 """Quantization error per layer of each quantization option on SmolLM2-135M (real weights).
 
-    python experiments/quant_options/quant_error.py   # 3-10 min on 2 cores; one record
+    python experiments/quant_options/quant_error.py   # 10-25 min on 2 cores; one record
 
 Text: Shakespeare blocks of 128 tokens (`lowmem.data.shakespeare`, the first 8 plays, held out
 by play). Calibration: the first 512 training tokens (`lowmem.gptq.calibration_ids`); held
@@ -8,6 +8,8 @@ out: the first 512 tokens of the held-out play(s). For every decoder linear: wei
 error ||W - W_hat|| / ||W||, output relative error ||X W^T - X W_hat^T|| / ||X W^T|| with X the
 FP32 model's inputs to that layer on held-out text (and, for GPTQ, on the calibration text).
 `search-` / `gptq_search-`: RTN / GPTQ with `scale_search` (each group's scale searched).
+`-g16`: groups of 16 with FP16 scales (`quant_group_size=16,quant_scale_dtype=fp16`: the same
+0.625 B per weight as groups of 32 with FP32 scales; session 13's `best_chosen` format).
 LoftQ (r = 16, alpha = 32, q_proj and v_proj: the default adapters) counts base + s B A as
 W_hat. The tied embedding / LM head: weight error at INT4, NF4, INT8. The model: held-out loss
 with every weight replaced by its W_hat (no training). Writes
@@ -25,7 +27,7 @@ from lowmem.data import shakespeare
 from lowmem.gptq import calibrate, calibration_ids
 from lowmem.loftq import loftq_init
 from lowmem.models import build_model, load_tokenizer
-from lowmem.quantize import dequantize, quantize
+from lowmem.quantize import dequantize, quantize, with_scale_dtype
 from lowmem.results import environment, write_record
 
 TOKENS, BLOCK, R, ALPHA = 512, 128, 16, 32
@@ -87,6 +89,14 @@ def main() -> None:
         options[f"gptq-{book}"] = {n: dequantize(gptq[n]) for n in linears}
         gptq = calibrate(model, cal, 4, 32, book, scale_search=True)
         options[f"gptq_search-{book}"] = {n: dequantize(gptq[n]) for n in linears}
+        options[f"rtn-g16-{book}"] = {
+            n: dequantize(with_scale_dtype(quantize(fp32[n], 4, 16, codebook=book), "fp16"))
+            for n in linears
+        }
+        gptq = calibrate(model, cal, 4, 16, book, scale_search=True)
+        options[f"gptq_search-g16-{book}"] = {
+            n: dequantize(with_scale_dtype(gptq[n], "fp16")) for n in linears
+        }
         for iters in (1, 5):
             loftq = dict(options[f"rtn-{book}"])
             for n in linears:
@@ -132,7 +142,7 @@ def main() -> None:
         "model": "smollm2-135m",
         "config": {
             "bits": 4,
-            "group_size": 32,
+            "group_size": 32,  # 16 for the `-g16` options (FP16 scales)
             "calib_tokens": TOKENS,
             "block": BLOCK,
             "lora_r": R,

@@ -11,7 +11,8 @@ print("|---|---|---|---|")
 for opt in (
     f"{method}-{book}"
     for book in ("int", "nf4")
-    for method in ("rtn", "search", "gptq", "gptq_search", "loftq1", "loftq5")
+    for method in ("rtn", "search", "gptq", "gptq_search", "loftq1", "loftq5", "rtn-g16")
+    + ("gptq_search-g16",)
 ):
     cal = s.get(f"{opt}.output_cal")
     print(
