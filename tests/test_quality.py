@@ -130,6 +130,7 @@ def test_a_killed_run_continues_from_its_checkpoint_to_the_same_record(results_t
     monkeypatch.setattr(quality, "train", watched)
     again = quality.run_row(*args, checkpoint_every=2)["metrics"]
     assert steps == [3, 4]  # from the checkpoint of step 2, not from the start
+    assert again["resumed_from_step"] == 2 and whole["resumed_from_step"] == 0
     assert again["train_losses"] == whole["train_losses"]  # step 3 redone, bit for bit
     for key in ("eval_loss", "eval_loss_fp32_base", "accuracy", "grad_cosine"):
         assert again[key] == whole[key], key
