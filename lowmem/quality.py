@@ -70,7 +70,7 @@ from lowmem.data import load_task
 from lowmem.heldout import heldout_metrics
 from lowmem.loss import compute_loss
 from lowmem.models import build_model, load_tokenizer
-from lowmem.resume import check_run, load_checkpoint
+from lowmem.resume import check_run
 from lowmem.step import COLUMNS, evaluate, to_batch
 from lowmem.train import TrainConfig, make_config, run_identity, train, training_model
 
@@ -183,7 +183,6 @@ def run_row(
     identity = {"model": protocol.model, "task": task_name, "row": row}
     identity["protocol"] = {k: v for k, v in asdict(protocol).items() if k != "seeds"}
     _discard_stale(out, cfg, identity, force)
-    state = load_checkpoint(out)  # a killed run's last checkpoint, or None
     with training_model(protocol.model, cfg.stack, init="pretrained", train_ds=task.train) as model:
         summary = train(
             model, cfg, task.train, task.test, out, True, progress=progress, tags=identity
@@ -230,7 +229,7 @@ def run_row(
             "train_losses": summary["losses"],
             "peak_bytes": summary["peak_bytes"],
             "step_s_median": summary["step_s_median"],
-            "resumed_from_step": state["step"] if state else 0,  # 0: one process ran it all
+            "resumed_from_step": summary["resumed_from_step"],
             "grad_cosine": cosine,
         },
         "environment": results.environment(),

@@ -290,6 +290,7 @@ def _loop(model, cfg: TrainConfig, train_ds, eval_ds, out: Path, state, meter, p
     entries = read_log(out)
     summary = summarize(entries, meter) | process_summary(entries, watch)
     summary |= {"trainable_parameters": sum(p.numel() for p in params), "out_dir": str(out)}
+    summary["resumed_from_step"] = state["step"] if state else 0  # 0: one process ran it all
     summary["adapter"] = str(out / "adapter")
     write_json(out / "summary.json", summary)
     return summary

@@ -77,10 +77,11 @@ def test_an_interrupted_run_resumes_bit_exactly(tmp_path, spec):
         spec, sets, steps=6, lr=1e-2, eval_every=2, eval_batches=1, checkpoint_every=3
     )
     ds = dataset(rows=12)  # 3 batches per epoch: the run crosses into epochs 1 and 2
-    _, straight = run(tmp_path / "a", cfg, ds)
+    whole, straight = run(tmp_path / "a", cfg, ds)
     killed, _ = run(tmp_path / "b", cfg, ds, stop_at=4)  # checkpoint at 3, step 4 done, lost
     assert killed is None and resume.load_checkpoint(tmp_path / "b")["step"] == 3
-    _, resumed = run(tmp_path / "b", cfg, ds, resume_run=True)
+    again, resumed = run(tmp_path / "b", cfg, ds, resume_run=True)
+    assert whole["resumed_from_step"] == 0 and again["resumed_from_step"] == 3
 
     def trace(folder):
         keys = ("step", "loss", "lr", "eval_loss", "trainable_tokens", "grad_norm")
