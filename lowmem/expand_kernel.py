@@ -21,7 +21,8 @@ no dispatch mode active. A compiled loop is invisible to a `TorchDispatchMode`, 
 path runs and the mode sees every operation: the meters measure that path (its transient: the
 output + as many bytes as the codes, for one piece; what a CUDA device runs), so `simulated`
 still equals `cpu` to the byte (SPEC), and an unmetered CPU run holds at most what they report.
-Single-threaded.
+On fake tensors the INT4 path allocates what it would and skips the integer work, whose values
+fake tensors do not have (`lowmem.quantize._expand_int4_symmetric`). Single-threaded.
 """
 
 from __future__ import annotations

@@ -438,6 +438,29 @@ def test_the_compiled_expansion_stays_out_of_dispatch_modes():
     assert not expand_kernel.usable(*fake)
 
 
+@pytest.mark.parametrize("shape, group", [((256, 3072), 32), ((3, 10), 0), ((7, 48), 16)])
+def test_fake_int4_expansion_holds_the_storages_of_the_real_one(shape, group):
+    """Under fake tensors (the simulated meter) the INT4 expansion skips its integer loop but
+    allocates what the loop does: the tracker sees the same peak, op, tensors and end state."""
+
+    def traced(codes, scales):
+        tracker = LiveStorageTracker()
+        tracker.register([codes, scales])
+        with tracker:
+            w = QuantizedWeight(codes, scales, None, shape, 4, group or shape[1]).rows(0, 2)
+        summary = (tracker.peak, tracker.peak_op, tracker.peak_tensors, tracker.live)
+        return summary, tuple(w.shape)
+
+    codes = torch.zeros(shape[0], shape[1] // 2, dtype=torch.uint8)
+    scales = torch.ones(shape[0], shape[1] // (group or shape[1]))
+    real = traced(codes, scales)
+    with FakeTensorMode() as mode:
+        fake = traced(mode.from_tensor(codes), mode.from_tensor(scales))
+    assert fake == real
+    n_bytes = shape[1]  # two rows' codes; the int32 copy of a quarter of them at a time
+    assert real[0][0] == 4 * 2 * shape[1] + 4 * (n_bytes // 4) + codes.nbytes + scales.nbytes
+
+
 @pytest.mark.parametrize("codebook", ["int", "nf4"])
 def test_fp16_scales_buy_groups_of_16_at_the_bytes_of_fp32_groups_of_32(codebook):
     """FP16 scales: half the scale bytes, so groups of 16 cost 0.625 B per weight as FP32
