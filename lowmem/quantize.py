@@ -43,8 +43,6 @@ from dataclasses import dataclass
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from lowmem import expand_kernel
-
 BITS = (4, 8)
 GROUP_SIZES = (0, 16, 32, 64, 128)  # 0 = one group per output row ("per channel")
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # how scales (and zeros) are stored
@@ -260,28 +258,40 @@ def dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor) -> torch.Tensor:
 
 def _expand(codes, scales, zeros, bits: int, group: int, codebook: str = "int") -> torch.Tensor:
     with torch.profiler.record_function("lowmem.dequantize"):  # attributes time in profiles
-        if bits == 4 and zeros is None and expand_kernel.usable(codes, scales):
-            values = NF4 if codebook == "nf4" else INT4_LEVELS
-            return expand_kernel.expand(codes, scales.float(), values)  # FP16 scales: a copy
         if codebook == "nf4":
             return _expand_nf4(codes, scales, group)
         return _expand_codes(codes, scales, zeros, bits, group)
 
 
+def _pair_table(values: tuple[float, ...]) -> torch.Tensor:
+    """256 int64 entries, one per code byte: the FP32 values of its low and its high nibble side
+    by side, the 8 bytes read as one integer, so a gather moves them as bits (no float op)."""
+    table, byte = torch.tensor(values, dtype=torch.float32), torch.arange(256)
+    return torch.stack([table[byte & 0x0F], table[byte >> 4]], dim=1).view(torch.int64)[:, 0]
+
+
+_NF4_PAIRS = {torch.device("cpu"): _pair_table(NF4)}  # built once per device, outside any step
+
+
 def _expand_nf4(codes, scales, group: int) -> torch.Tensor:
-    """Each packed byte indexes a 256 x 2 table of (low, high) NF4 values, written straight
-    into the FP32 output; the int32 index covers NF4_ELEMENTS codes at a time, so the transient
-    is the output + at most 1 MiB (INT4's nibble temporary: half the codes, 0.5 B each). With
-    2**20 codes a call (4 MiB) Llama-3.2 3B `best` at 1024 tokens peaked 1.5% above INT4."""
+    """Each packed byte picks its two NF4 values at once from the 256-entry pair table, written
+    straight into the FP32 output; the int32 index covers NF4_ELEMENTS codes at a time, so the
+    transient is the output + at most 1 MiB. One 1536 x 576 piece on one CPU thread: 0.32 ms
+    (a 256 x 2 FP32 table gathered row by row, rebuilt each call: 1.2 ms; experiments/LOG.md,
+    session 16). With 2**20 codes a call (4 MiB) Llama-3.2 3B `best` at 1024 tokens peaked 1.5%
+    above INT4."""
     n_rows, n_bytes = codes.shape
-    table = torch.tensor(NF4, device=codes.device)
-    byte = torch.arange(256, device=codes.device)
-    pairs = torch.stack([table[byte & 0x0F], table[byte >> 4]], dim=1)  # 256 x 2 FP32
     w = torch.empty(n_rows, n_bytes * 2, dtype=torch.float32, device=codes.device)
-    step = max(1, NF4_ELEMENTS // max(n_bytes, 1))
-    for a in range(0, n_rows, step):
-        idx = codes[a : a + step].reshape(-1).to(torch.int32)
-        torch.index_select(pairs, 0, idx, out=w[a : a + step].view(-1, 2))
+    flat, out = codes.reshape(-1), w.view(-1).view(torch.int64)
+    step = max(1, NF4_ELEMENTS // max(n_bytes, 1)) * max(n_bytes, 1)  # whole rows
+    if is_fake(codes):  # the simulated meter: the loop's storages (the first index is the
+        flat[:step].to(torch.int32)  # largest) without the gathers, whose values it lacks
+    else:
+        pairs = _NF4_PAIRS.get(codes.device)
+        if pairs is None:
+            pairs = _NF4_PAIRS[codes.device] = _NF4_PAIRS[torch.device("cpu")].to(codes.device)
+        for a in range(0, flat.numel(), step):
+            torch.index_select(pairs, 0, flat[a : a + step].to(torch.int32), out=out[a : a + step])
     w = w.view(n_rows, -1, group)
     w.mul_(scales[..., None])
     return w.view(n_rows, -1)

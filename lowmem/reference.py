@@ -50,6 +50,13 @@ def int4_levels(codes: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(codes.shape[0], -1)
 
 
+def nibble_values(codes: torch.Tensor, values) -> torch.Tensor:
+    """The table values (FP32) of packed 4-bit codes, nibble by nibble, low nibble first."""
+    table = torch.tensor(values, dtype=torch.float32)
+    pairs = torch.stack([table[(codes & 0x0F).long()], table[(codes >> 4).long()]], dim=-1)
+    return pairs.reshape(codes.shape[0], -1)
+
+
 def searched_round_trip(
     weight: torch.Tensor, bits: int, group: int, codebook: str, factors, importance=None
 ) -> torch.Tensor:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lowmem import assets, expand_kernel, reference
+from lowmem import assets, reference
 from lowmem.memory import LiveStorageTracker
 from lowmem.quant_linear import QuantEmbedding, QuantLinear, apply_quantize
 from lowmem.quantize import (
@@ -406,48 +406,45 @@ def test_scale_search_is_refused_without_a_symmetric_format():
 @pytest.mark.parametrize(
     "shape, group", [((5, 64), 32), ((3, 96), 0), ((7, 256), 128), ((1, 2), 0), ((4, 48), 16)]
 )
-def test_the_compiled_expansion_equals_the_pytorch_one_bit_for_bit(
-    codebook, shape, group, scale_dtype
+def test_packed_4bit_expansion_is_value_of_nibble_times_scale_bit_for_bit(
+    codebook, shape, group, scale_dtype, monkeypatch
 ):
-    """lowmem.expand_kernel against the PyTorch expansion it replaces on CPU: every byte value,
-    odd row counts, one group per row (group 0), rows gathered (an embedding lookup), scales
-    stored in FP32 or FP16."""
+    """Each weight is one FP32 product, table value of its nibble x its group's scale, as the
+    plain reference computes it: every byte value, odd row counts, one group per row (group 0),
+    rows gathered (an embedding lookup), FP32 or FP16 scales, several NF4 index chunks a call,
+    and denormals flushed (the NF4 pairs move as integers, never as floats)."""
+    import lowmem.quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "NF4_ELEMENTS", 100)
     torch.manual_seed(0)
-    qw = quantize(torch.randn(*shape), bits=4, group_size=group, codebook=codebook)
-    qw = with_scale_dtype(qw, scale_dtype)
+    qw = with_scale_dtype(quantize(torch.randn(*shape), 4, group, codebook=codebook), scale_dtype)
     if qw.codes.numel() >= 256:
         qw.codes.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
-    assert expand_kernel.usable(qw.codes, qw.scales)
-    compiled = (dequantize(qw), dequantize_rows(qw, torch.tensor([[0, shape[0] - 1], [0, 0]])))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(expand_kernel, "usable", lambda codes, scales: False)
-        portable = (dequantize(qw), dequantize_rows(qw, torch.tensor([[0, shape[0] - 1], [0, 0]])))
-    for a, b in zip(compiled, portable, strict=True):
-        assert torch.equal(a, b)
-
-
-def test_the_compiled_expansion_stays_out_of_dispatch_modes():
-    """A meter (a TorchDispatchMode) must see every operation, so under one the PyTorch path
-    runs; fake tensors never reach the compiled loop."""
-    codes, scales = torch.zeros(2, 16, dtype=torch.uint8), torch.ones(2, 1)
-    assert expand_kernel.usable(codes, scales)
-    with LiveStorageTracker():
-        assert not expand_kernel.usable(codes, scales)
-    with FakeTensorMode() as mode:
-        fake = mode.from_tensor(codes), mode.from_tensor(scales)
-    assert not expand_kernel.usable(*fake)
+    values = quantize_module.NF4 if codebook == "nf4" else quantize_module.INT4_LEVELS
+    nibbles = reference.nibble_values(qw.codes, values).view(shape[0], qw.scales.shape[1], -1)
+    expected = (nibbles * qw.scales.float()[..., None]).view(shape)
+    ids = torch.tensor([[0, shape[0] - 1], [0, 0]])
+    torch.set_flush_denormal(True)  # where the CPU supports it (x86-64, aarch64)
+    try:
+        assert torch.equal(dequantize(qw), expected)
+        assert torch.equal(dequantize_rows(qw, ids), expected[ids])
+    finally:
+        torch.set_flush_denormal(False)
 
 
 @pytest.mark.parametrize("shape, group", [((256, 3072), 32), ((3, 10), 0), ((7, 48), 16)])
-def test_fake_int4_expansion_holds_the_storages_of_the_real_one(shape, group):
-    """Under fake tensors (the simulated meter) the INT4 expansion skips its integer loop but
-    allocates what the loop does: the tracker sees the same peak, op, tensors and end state."""
+@pytest.mark.parametrize("codebook", ["int", "nf4"])
+def test_fake_4bit_expansion_holds_the_storages_of_the_real_one(shape, group, codebook):
+    """Under fake tensors (the simulated meter) the 4-bit expansion skips its integer loop (INT4)
+    or its gathers (NF4) but allocates what they do: the tracker sees the same peak, op, tensors
+    and end state."""
 
     def traced(codes, scales):
         tracker = LiveStorageTracker()
         tracker.register([codes, scales])
         with tracker:
-            w = QuantizedWeight(codes, scales, None, shape, 4, group or shape[1]).rows(0, 2)
+            qw = QuantizedWeight(codes, scales, None, shape, 4, group or shape[1], codebook)
+            w = qw.rows(0, 2)
         summary = (tracker.peak, tracker.peak_op, tracker.peak_tensors, tracker.live)
         return summary, tuple(w.shape)
 
@@ -457,8 +454,9 @@ def test_fake_int4_expansion_holds_the_storages_of_the_real_one(shape, group):
     with FakeTensorMode() as mode:
         fake = traced(mode.from_tensor(codes), mode.from_tensor(scales))
     assert fake == real
-    n_bytes = shape[1]  # two rows' codes; the int32 copy of a quarter of them at a time
-    assert real[0][0] == 4 * 2 * shape[1] + 4 * (n_bytes // 4) + codes.nbytes + scales.nbytes
+    n_bytes = shape[1]  # two rows' codes; the int32 copy of a quarter of them (INT4) at a time,
+    index = n_bytes // 4 if codebook == "int" else n_bytes  # or of NF4_ELEMENTS codes (NF4)
+    assert real[0][0] == 4 * 2 * shape[1] + 4 * index + codes.nbytes + scales.nbytes
 
 
 @pytest.mark.parametrize("codebook", ["int", "nf4"])
