@@ -42,6 +42,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lowmem import results
@@ -299,10 +300,16 @@ def step_record(model: str, cfg: StackConfig, experiment: str = "planner") -> di
         ran = json.loads(json.dumps(cfg.resolved().to_dict()))  # tuples as the record has them
         if record.get("resolved_config") == ran:
             return record
+    what = f"{model} {describe(cfg)} at {cfg.seq_len} tokens"
+    print(f"planner: simulating {what} (not in results/raw/{experiment}/)", file=sys.stderr)
+    start = time.perf_counter()
     record = run_cell(model, cfg, "simulated")
     if record["status"] == "failed":
         raise RuntimeError(f"simulating {describe(cfg)} on {model} failed: {record['error']}")
     results.write_record(experiment, record)
+    took = time.perf_counter() - start
+    peak = record["metrics"]["peak_bytes"] / 2**30
+    print(f"planner: {what}: step peak {peak:.3f} GiB ({took:.0f} s)", file=sys.stderr)
     return record
 
 

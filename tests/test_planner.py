@@ -122,12 +122,15 @@ def test_smollm2_plans_from_a_converted_directory_fit_their_budget(budget, resul
     assert process["run_peak_rss_bytes"] <= plan.budget, (process, chosen.row())
 
 
-def test_a_cached_step_measured_under_other_settings_is_measured_again(results_tmp):
+def test_a_cached_step_measured_under_other_settings_is_measured_again(results_tmp, capsys):
     from lowmem.config import StackConfig
     from lowmem.planner import step_record
 
     cfg = StackConfig(stack="best", seq_len=SEQ_LEN)
     fresh = step_record("tiny-llama", cfg)
+    said = capsys.readouterr().err  # a simulation can take minutes: it says so, then its peak
+    assert f"planner: simulating tiny-llama best at {SEQ_LEN} tokens" in said
+    assert f"step peak {fresh['metrics']['peak_bytes'] / 2**30:.3f} GiB" in said
     path = next((results_tmp / "raw" / "planner").iterdir())
     stale = json.loads(path.read_text())
     # as written before mlp_first existed: the key is missing, the peak was another
@@ -138,4 +141,6 @@ def test_a_cached_step_measured_under_other_settings_is_measured_again(results_t
     assert again["metrics"]["peak_bytes"] == fresh["metrics"]["peak_bytes"]
     written = json.loads(path.read_text())
     assert written["metrics"] == json.loads(json.dumps(again["metrics"]))  # written again
+    capsys.readouterr()
     assert step_record("tiny-llama", cfg) == written  # and then read as it is
+    assert capsys.readouterr().err == ""
