@@ -9,7 +9,7 @@ import json
 import os
 import sys
 
-from lowmem import assets, results, tables
+from lowmem import assets, results
 from lowmem.cli import build_parser
 from lowmem.config import ROWS, StackConfig, parse_spec
 from lowmem.offload import OffloadError, check_offload_root
@@ -105,6 +105,8 @@ def _grid(args: argparse.Namespace) -> int:
 
 
 def _table(args: argparse.Namespace) -> int:
+    from lowmem import tables  # pandas (+64 MiB RSS): only the commands that write tables
+
     if args.experiment == "quality":
         from lowmem.quality_table import write_table
 

@@ -213,3 +213,18 @@ def test_quality_seeds_reach_the_protocol_and_a_negative_one_is_refused(capsys, 
     assert [p.seeds for p in calls] == [(2, 0)]
     assert main(["quality", "--seeds", "-1"]) == 2 and not calls[1:]
     assert "seed -1 is negative" in capsys.readouterr().err
+
+
+def test_lowmem_and_its_non_table_commands_leave_heavy_modules_unimported():
+    """Process memory is what a small machine lives with: `import lowmem` (a user's own loop),
+    `convert`, `budget` and `measure` load no table or JIT library (pandas +64 MiB RSS, numba
+    +54 MiB and more once it compiles; experiments/LOG.md, session 16)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lowmem, lowmem.__main__, lowmem.convert, lowmem.planner, lowmem.bench;"
+        "print(sorted(m for m in ('pandas', 'numba', 'datasets', 'seaborn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
