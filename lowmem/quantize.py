@@ -276,10 +276,10 @@ _NF4_PAIRS = {torch.device("cpu"): _pair_table(NF4)}  # built once per device, o
 def _expand_nf4(codes, scales, group: int) -> torch.Tensor:
     """Each packed byte picks its two NF4 values at once from the 256-entry pair table, written
     straight into the FP32 output; the int32 index covers NF4_ELEMENTS codes at a time, so the
-    transient is the output + at most 1 MiB. One 1536 x 576 piece on one CPU thread: 0.32 ms
-    (a 256 x 2 FP32 table gathered row by row, rebuilt each call: 1.2 ms; experiments/LOG.md,
-    session 16). With 2**20 codes a call (4 MiB) Llama-3.2 3B `best` at 1024 tokens peaked 1.5%
-    above INT4."""
+    transient is the output + at most 1 MiB. One 1536 x 576 piece on one CPU thread: 0.37 ms
+    (a 256 x 2 FP32 table gathered row by row, rebuilt each call: 1.1-1.3 ms;
+    experiments/quant_speed/expand_pieces.py, experiments/LOG.md, session 16). With 2**20
+    codes a call (4 MiB) Llama-3.2 3B `best` at 1024 tokens peaked 1.5% above INT4."""
     n_rows, n_bytes = codes.shape
     w = torch.empty(n_rows, n_bytes * 2, dtype=torch.float32, device=codes.device)
     flat, out = codes.reshape(-1), w.view(-1).view(torch.int64)

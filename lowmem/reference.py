@@ -42,19 +42,17 @@ def trainable_positions(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def int4_levels(codes: torch.Tensor) -> torch.Tensor:
-    """The signed levels (-8..7, FP32) of packed symmetric INT4 codes, nibble by nibble: the
-    low nibble of each byte is the even column, the high nibble the odd one."""
-    low = (codes & 0x0F).float() - 8
-    high = (codes >> 4).float() - 8
-    return torch.stack([low, high], dim=-1).reshape(codes.shape[0], -1)
-
-
 def nibble_values(codes: torch.Tensor, values) -> torch.Tensor:
-    """The table values (FP32) of packed 4-bit codes, nibble by nibble, low nibble first."""
+    """The table values (FP32) of packed 4-bit codes, nibble by nibble: the low nibble of each
+    byte is the even column, the high nibble the odd one."""
     table = torch.tensor(values, dtype=torch.float32)
     pairs = torch.stack([table[(codes & 0x0F).long()], table[(codes >> 4).long()]], dim=-1)
     return pairs.reshape(codes.shape[0], -1)
+
+
+def int4_levels(codes: torch.Tensor) -> torch.Tensor:
+    """The signed levels (-8..7, FP32) of packed symmetric INT4 codes: level = code - 8."""
+    return nibble_values(codes, [float(code - 8) for code in range(16)])
 
 
 def searched_round_trip(
