@@ -11,8 +11,8 @@ how the loss is computed:
     -> + softmax approximation, each rule at K = 100 and 1000 -> + logits masking (with the
     top-1000 approximation, as in the paper) -> best (exact loss)
 
-and issue 15's quantization options, each on the INT4 row (NF4 codebook, GPTQ calibrated on
-the first 512 training tokens, LoftQ-style adapter init, 8-bit embedding / LM head, searched
+and issue 15's quantization options, each on the INT4 row (NF4 codebook, GPTQ from 8192
+training tokens, sequential; LoftQ-style adapter init, 8-bit embedding / LM head, searched
 group scales, groups of 16 with FP16 scales), then
 `best_chosen`: best with NF4 + GPTQ (8192 calibration tokens, sequential, act-order with static
 groups, group scales searched with each column's error weighted by its input's energy, groups
@@ -23,7 +23,8 @@ definitions stay rows so that their records still name one (`lowmem.quality_tabl
 record its row no longer defines), and are not run by default: `best_chosen_v1` (GPTQ from
 512 tokens, FP32-fed, natural order, one LoftQ step), `best_chosen_v2` (session 10: no scale
 search), `best_chosen_v3` (session 11: the unweighted scale search), `best_chosen_v4`
-(session 12: FP32 scales in groups of 32).
+(session 12: FP32 scales in groups of 32), `gptq_v1` (GPTQ at the field defaults: 512 tokens,
+FP32-fed; worse than round to nearest).
 
 Two tasks: ShareGPT conversations, assistant tokens trainable (instruction tuning), and
 Shakespeare blocks (domain adaptation; whole plays held out). Each run reports the held-out
@@ -88,7 +89,7 @@ ROWS = {  # row -> stack spec; cumulative like Table 1
     "best": "best",
     # issue 15's options, each on the INT4 row, then best with the chosen ones
     "nf4": "quantize:quant_codebook=nf4",
-    "gptq": "quantize:quant_method=gptq",
+    "gptq": "quantize:quant_method=gptq,quant_calib_tokens=8192,quant_gptq_sequential=true",
     "loftq": "quantize:quant_loftq_iters=5",
     "vocab8": "quantize:quant_vocab_bits=8",
     "best_chosen_v1": "best:quant_codebook=nf4,quant_method=gptq,quant_loftq_iters=1,"
@@ -103,6 +104,7 @@ ROWS = {  # row -> stack spec; cumulative like Table 1
     "best_chosen_v4": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
     "quant_calib_tokens=8192,quant_gptq_sequential=true,quant_gptq_act_order=true,"
     "quant_scale_search=true,quant_gptq_weighted_search=true",
+    "gptq_v1": "quantize:quant_method=gptq",  # the field defaults: 512 tokens, FP32-fed
     "best_chosen": "best:quant_codebook=nf4,quant_method=gptq,quant_vocab_bits=8,"
     "quant_calib_tokens=8192,quant_gptq_sequential=true,quant_gptq_act_order=true,"
     "quant_scale_search=true,quant_gptq_weighted_search=true,quant_group_size=16,"

@@ -80,7 +80,11 @@ class QuantSettings:
     """How the decoder linears' codes are chosen: "rtn" (round to nearest) or "gptq"
     (error-compensating, from calibration activations; lowmem.gptq). Same format either way."""
     calib_tokens: int = 512
-    """Calibration tokens of the training text for method gptq (lowmem.gptq.calibration_ids)."""
+    """Calibration tokens of the training text for method gptq (lowmem.gptq.calibration_ids).
+    Use 8192 with gptq_sequential: on SmolLM2-135M, GPTQ from 512 tokens FP32-fed (these
+    defaults) was worse than round to nearest on held-out text, from 8192 sequential better
+    (experiments/LOG.md, session 17; quality rows gptq_v1 and gptq). The defaults stay because
+    records and resumed runs compare every field, so new ones would redefine every row."""
     gptq_sequential: bool = False
     """Method gptq: each decoder layer calibrated on the outputs of the layers before it with
     their weights quantized (True), or on the FP32 model's activations (False). Same format."""

@@ -2,6 +2,7 @@
 
     python experiments/quant_options/before_scan.py [--options a,b] [--tasks sharegpt]
     python experiments/quant_options/before_scan.py --table   # the Markdown table only
+    python experiments/quant_options/before_scan.py --heldout fresh --tasks sharegpt [--table]
 
 The quality protocol (`lowmem.quality`) trains 200 steps per row; after training the gap to
 FP32 LoRA was about 0.63x the gap before it (ShareGPT, seed 0: best_chosen 0.201 -> 0.127,
@@ -12,6 +13,14 @@ the task's training split for calibration, seed 0) and evaluated as the run's st
 evaluation is (`lowmem.step.evaluate`, the protocol's batches). One record per (task, option):
 results/raw/quant_options/<task>__<option>__before.json (skipped when it exists, unless
 --force). No memory is metered here (meter "none"); the timings are the process's wall clock.
+
+`--heldout fresh` (ShareGPT only) evaluates on text no option was ever chosen on: the FRESH
+usable conversations after the protocol's first `limit` (which hold its train and held-out
+splits), all of them, as one more held-out set; calibration still reads the protocol's training
+split. `best_chosen` was picked by its loss on the protocol's held-out split, so its gap there
+may be biased low; the gap on the fresh set is not. Records:
+results/raw/quant_options/sharegpt__<option>__fresh.json. Shakespeare has no unused text (all
+38 plays are in the protocol).
 """
 
 from __future__ import annotations
@@ -21,9 +30,10 @@ import json
 import time
 
 from lowmem import results
-from lowmem.data import load_task
+from lowmem.data import chat_dataset, load_task
 from lowmem.models import load_tokenizer
 from lowmem.quality import ROWS, TASKS, Protocol, spec_config
+from lowmem.readers import read_sharegpt
 from lowmem.step import evaluate
 from lowmem.train import training_model
 
@@ -33,6 +43,8 @@ SEQ_ACT = V1 + "=1,quant_calib_tokens=8192,quant_gptq_sequential=true,quant_gptq
 OPTIONS = {  # name -> stack spec; "fp32" is the reference every gap is taken against
     "fp32": ROWS["lora"],
     "int4": ROWS["int4"],
+    "gptq_v1": ROWS["gptq_v1"],  # GPTQ alone at the field defaults (512 tokens, FP32-fed)
+    "gptq": ROWS["gptq"],  # GPTQ alone, 8192 tokens, sequential
     "best_chosen_v1": ROWS["best_chosen_v1"],  # = V1 + "=1" (512 calibration tokens)
     "calib2048": V1 + "=1,quant_calib_tokens=2048",
     "calib8192": V1 + "=1,quant_calib_tokens=8192",
@@ -58,22 +70,33 @@ OPTIONS = {  # name -> stack spec; "fp32" is the reference every gap is taken ag
     + ",quant_scale_search=true",
 }
 REFERENCE = "fp32"
+HELDOUT = {"protocol": "before", "fresh": "fresh"}  # held-out set -> record name suffix
+FRESH = 1000  # ShareGPT conversations after the protocol's, for --heldout fresh
 
 
-def run_id(task: str, option: str) -> str:
-    return f"{task}__{option}__before"
+def run_id(task: str, option: str, heldout: str = "protocol") -> str:
+    return f"{task}__{option}__{HELDOUT[heldout]}"
 
 
-def scan_one(task, task_name: str, option: str, protocol: Protocol) -> dict:
-    """Build `option` on `task` as a seed-0 quality run would and evaluate it untrained."""
+def fresh_heldout(tokenizer, protocol: Protocol):
+    """The FRESH usable ShareGPT conversations after the protocol's first `limit`, as rows."""
+    conversations = read_sharegpt(limit=protocol.limit + FRESH)[protocol.limit :]
+    return chat_dataset(conversations, tokenizer, protocol.seq_len)
+
+
+def scan_one(task, task_name: str, option: str, protocol: Protocol, fresh=None) -> dict:
+    """Build `option` on `task` as a seed-0 quality run would and evaluate it untrained, on the
+    protocol's held-out batches or, given `fresh` rows, on all of them."""
     cfg = spec_config(OPTIONS[option], protocol, seed=0)
+    heldout, batches = ("protocol", protocol.eval_batches) if fresh is None else ("fresh", 0)
     start = time.perf_counter()
     with training_model(protocol.model, cfg.stack, init="pretrained", train_ds=task.train) as m:
         built = time.perf_counter()
-        loss = evaluate(m, cfg.stack, task.test, protocol.batch_size, protocol.eval_batches)
+        ds = task.test if fresh is None else fresh
+        loss = evaluate(m, cfg.stack, ds, protocol.batch_size, batches)
     done = time.perf_counter()
     record = {
-        "run_id": run_id(task_name, option),
+        "run_id": run_id(task_name, option, heldout),
         "status": "ok",
         "model": protocol.model,
         "task": task_name,
@@ -81,6 +104,10 @@ def scan_one(task, task_name: str, option: str, protocol: Protocol) -> dict:
         "spec": OPTIONS[option],
         "protocol": {k: v for k, v in vars(protocol).items() if k != "seeds"},
         "config": cfg.stack.to_dict(),
+        "heldout": "protocol"
+        if fresh is None
+        else f"fresh: ShareGPT usable conversations {protocol.limit}-{protocol.limit + FRESH - 1}"
+        f" (0-based), {len(fresh)} rows",
         "meter": "none",
         "device": "cpu",
         "metrics": {
@@ -94,12 +121,12 @@ def scan_one(task, task_name: str, option: str, protocol: Protocol) -> dict:
     return record
 
 
-def table(tasks=TASKS) -> str:
+def table(tasks=TASKS, heldout: str = "protocol") -> str:
     """Markdown: held-out loss before training and the gap to fp32, per option and task."""
     loaded = {}
     for task in tasks:
         for option in OPTIONS:
-            path = results.record_path(EXPERIMENT, run_id(task, option))
+            path = results.record_path(EXPERIMENT, run_id(task, option, heldout))
             if path.exists():
                 loaded[task, option] = json.loads(path.read_text())["metrics"]
     head = "| option | " + " | ".join(f"{t} loss | {t} gap" for t in tasks) + " | build s |"
@@ -121,6 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--options", default=",".join(OPTIONS))
     parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--heldout", choices=tuple(HELDOUT), default="protocol")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the table and stop")
     args = parser.parse_args()
@@ -128,23 +156,31 @@ def main() -> None:
     unknown = sorted(set(options) - set(OPTIONS)) + sorted(set(tasks) - set(TASKS))
     if unknown:
         raise SystemExit(f"unknown option/task {unknown[0]!r}: options {', '.join(OPTIONS)}")
+    if args.heldout == "fresh" and tasks != ["sharegpt"]:
+        raise SystemExit(
+            f"--heldout fresh needs --tasks sharegpt (got {args.tasks!r}): only "
+            "ShareGPT has text outside the protocol"
+        )
     if not args.table:
         protocol, tokenizer = Protocol(), load_tokenizer(Protocol().model)
         for task_name in tasks:
             limit = protocol.limit if task_name == "sharegpt" else protocol.plays or None
             task = load_task(task_name, tokenizer, protocol.seq_len, limit=limit, seed=0)
+            fresh = fresh_heldout(tokenizer, protocol) if args.heldout == "fresh" else None
             for option in options:
-                if results.record_path(EXPERIMENT, run_id(task_name, option)).exists():
+                if results.record_path(
+                    EXPERIMENT, run_id(task_name, option, args.heldout)
+                ).exists():
                     if not args.force:
                         continue
-                rec = scan_one(task, task_name, option, protocol)
+                rec = scan_one(task, task_name, option, protocol, fresh)
                 m = rec["metrics"]
                 print(
                     f"{task_name} {option}: {m['eval_loss_before']:.4f} "
                     f"(build {m['build_s']} s, eval {m['eval_s']} s)",
                     flush=True,
                 )
-    print(table(tasks))
+    print(table(tasks, args.heldout))
 
 
 if __name__ == "__main__":
