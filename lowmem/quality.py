@@ -67,10 +67,11 @@ from tqdm.auto import tqdm
 
 from lowmem import results
 from lowmem.attention import set_gqa
-from lowmem.data import load_task
+from lowmem.data import chat_dataset, load_task
 from lowmem.heldout import heldout_metrics
 from lowmem.loss import compute_loss
 from lowmem.models import build_model, load_tokenizer
+from lowmem.readers import read_sharegpt
 from lowmem.resume import check_run
 from lowmem.step import COLUMNS, evaluate, to_batch
 from lowmem.train import TrainConfig, make_config, run_identity, train, training_model
@@ -111,6 +112,7 @@ ROWS = {  # row -> stack spec; cumulative like Table 1
     "quant_scale_dtype=fp16",
 }
 REFERENCE = "lora"
+FRESH = 1000  # ShareGPT conversations after the protocol's, for `fresh_heldout`
 CHECKPOINT_EVERY = 10  # steps between checkpoints (SmolLM2: 921,600 LoRA values x 12 B = 11 MB)
 # the order rows run in: the paper's rows and best first, the K / rule variants last
 PRIORITY = ("lora", "int4", "best", "best_chosen", "nf4", "gptq", "loftq", "vocab8", "scale_search")
@@ -134,6 +136,14 @@ class Protocol:
     plays: int = 0  # Shakespeare plays used, in file-name order (0 = all 38)
     split_seed: int = 0  # the train / held-out split, the same for every seed
     seeds: tuple[int, ...] = (0, 1, 2)
+
+
+def fresh_heldout(tokenizer, protocol: Protocol, n: int = FRESH):
+    """Rows of the `n` usable ShareGPT conversations after the protocol's first `limit` (which
+    hold its train and held-out splits): text no run trained on and no option was chosen on
+    (`best_chosen`'s were picked on the protocol's held-out split)."""
+    conversations = read_sharegpt(limit=protocol.limit + n)[protocol.limit :]
+    return chat_dataset(conversations, tokenizer, protocol.seq_len)
 
 
 def row_config(row: str, protocol: Protocol, seed: int = 0) -> TrainConfig:
@@ -175,13 +185,16 @@ def run_row(
     fp32_base: torch.nn.Module | None = None,
     checkpoint_every: int = CHECKPOINT_EVERY,
     force: bool = False,
+    fresh=None,
+    experiment: str = EXPERIMENT,
 ) -> dict:
     """Train one row on `task` (a lowmem.data.Task) with training seed `seed` and write its
     record, continuing the run's checkpoint if a killed process left one (`force`: start
     over). `fp32_base`: the pretrained FP32 model, if the caller has built it already (it is
-    copied, never changed)."""
+    copied, never changed). `fresh`: more held-out rows (`fresh_heldout`), all evaluated after
+    training (`eval_loss_fresh`); `experiment`: where the record and the run folder go."""
     cfg = dataclasses.replace(row_config(row, protocol, seed), checkpoint_every=checkpoint_every)
-    out = run_dir(task_name, row, seed)
+    out = run_dir(task_name, row, seed, experiment)
     identity = {"model": protocol.model, "task": task_name, "row": row}
     identity["protocol"] = {k: v for k, v in asdict(protocol).items() if k != "seeds"}
     _discard_stale(out, cfg, identity, force)
@@ -202,6 +215,8 @@ def run_row(
             next(model.parameters()).device,
         )
         cosine = grad_cosine(model, cfg.stack, fixed)
+        if fresh is not None:
+            fresh_loss = evaluate(model, cfg.stack, fresh, protocol.batch_size)
     del model  # the row's model goes before the FP32 copy is made
     deployed = fp32_base_model(protocol.model, out / "adapter", fp32_base)
     fp32_loss = fp32_base_loss(deployed, task.test, protocol)
@@ -236,14 +251,16 @@ def run_row(
         },
         "environment": results.environment(),
     }
-    results.write_record(EXPERIMENT, record)
+    if fresh is not None:
+        record["metrics"] |= {"eval_loss_fresh": fresh_loss, "fresh_rows": len(fresh)}
+    results.write_record(experiment, record)
     shutil.rmtree(out)  # the record holds what the run found; its folder has served
     return record
 
 
-def run_dir(task_name: str, row: str, seed: int) -> Path:
+def run_dir(task_name: str, row: str, seed: int, experiment: str = EXPERIMENT) -> Path:
     """Where a run in progress keeps its checkpoint (`lowmem.resume`), until its record."""
-    return results.results_dir() / "runs" / EXPERIMENT / run_id(task_name, row, seed)
+    return results.results_dir() / "runs" / experiment / run_id(task_name, row, seed)
 
 
 def _discard_stale(out: Path, cfg: TrainConfig, identity: dict, force: bool) -> None:

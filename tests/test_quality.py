@@ -158,3 +158,36 @@ def test_an_unfinished_run_is_kept_if_it_can_continue_else_discarded_with_a_warn
     open_run(out, run_identity(cfg, tags), resume=False)
     quality._discard_stale(out, cfg, tags, force=True)  # force: start over, silently
     assert not out.exists()
+
+
+def test_fresh_heldout_is_sharegpt_text_outside_the_protocols_splits():
+    from lowmem.data import load_task
+    from lowmem.models import load_tokenizer
+
+    protocol = dataclasses.replace(SMOKE, limit=20)
+    tokenizer = load_tokenizer(protocol.model)
+    task = load_task("sharegpt", tokenizer, protocol.seq_len, limit=protocol.limit)
+    fresh = quality.fresh_heldout(tokenizer, protocol, n=20)
+    used = {tuple(ids) for split in (task.train, task.test) for ids in split["input_ids"]}
+    rows = [tuple(ids) for ids in fresh["input_ids"]]
+    assert len(rows) >= 5 and not used.intersection(rows)  # 8 at 48 tokens
+    widened = load_task("sharegpt", tokenizer, protocol.seq_len, limit=protocol.limit + 20)
+    widened_rows = {tuple(ids) for s in (widened.train, widened.test) for ids in s["input_ids"]}
+    assert set(rows) <= widened_rows  # the next 20 conversations, not other text
+
+
+@pytest.mark.slow  # ~60 s on 2 cores (two GGUF loads)
+def test_a_run_with_fresh_rows_records_their_loss_in_its_own_experiment(results_tmp):
+    from lowmem.data import load_task
+    from lowmem.models import load_tokenizer
+
+    tokenizer = load_tokenizer(SMOKE.model)
+    task = load_task("sharegpt", tokenizer, SMOKE.seq_len, limit=20)
+    fresh = quality.fresh_heldout(tokenizer, dataclasses.replace(SMOKE, limit=20), n=10)
+    m = quality.run_row(task, "sharegpt", "lora", SMOKE, 0, False, fresh=fresh, experiment="x")
+    m = m["metrics"]
+    assert m["fresh_rows"] == len(fresh) and m["eval_loss_fresh"] > 0
+    assert m["eval_loss_fresh"] != m["eval_loss"]  # another set of tokens
+    assert results.record_path("x", "sharegpt__lora__seed0").exists()
+    assert not results.record_path("quality", "sharegpt__lora__seed0").exists()
+    assert not quality.run_dir("sharegpt", "lora", 0, "x").exists()

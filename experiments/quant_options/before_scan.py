@@ -30,10 +30,9 @@ import json
 import time
 
 from lowmem import results
-from lowmem.data import chat_dataset, load_task
+from lowmem.data import load_task
 from lowmem.models import load_tokenizer
-from lowmem.quality import ROWS, TASKS, Protocol, spec_config
-from lowmem.readers import read_sharegpt
+from lowmem.quality import FRESH, ROWS, TASKS, Protocol, fresh_heldout, spec_config
 from lowmem.step import evaluate
 from lowmem.train import training_model
 
@@ -71,17 +70,10 @@ OPTIONS = {  # name -> stack spec; "fp32" is the reference every gap is taken ag
 }
 REFERENCE = "fp32"
 HELDOUT = {"protocol": "before", "fresh": "fresh"}  # held-out set -> record name suffix
-FRESH = 1000  # ShareGPT conversations after the protocol's, for --heldout fresh
 
 
 def run_id(task: str, option: str, heldout: str = "protocol") -> str:
     return f"{task}__{option}__{HELDOUT[heldout]}"
-
-
-def fresh_heldout(tokenizer, protocol: Protocol):
-    """The FRESH usable ShareGPT conversations after the protocol's first `limit`, as rows."""
-    conversations = read_sharegpt(limit=protocol.limit + FRESH)[protocol.limit :]
-    return chat_dataset(conversations, tokenizer, protocol.seq_len)
 
 
 def scan_one(task, task_name: str, option: str, protocol: Protocol, fresh=None) -> dict:
