@@ -57,7 +57,7 @@ from lowmem.config import BENCHMARK_INPUTS, ROWS, Techniques
 from lowmem.fused_loss import token_stats
 from lowmem.loader import load_quantized
 from lowmem.loss import check_token_ids, own_head, own_head_loss
-from lowmem.models import base_model, load_from_directory
+from lowmem.models import base_model, load_from_directory, mlp_width
 from lowmem.reference import IGNORE_INDEX
 from lowmem.settings import SECTIONS, flat_fields
 from lowmem.stack import apply_stack
@@ -68,7 +68,8 @@ SETTINGS = (*(name for name in flat_fields(Techniques) if name != "stack"), *SEC
 def plan(profile: str = "best", **settings) -> Techniques:
     """The concrete configuration `prepare` applies: the profile (a row of ROWS, or a profile
     file written by the budget planner, `lowmem.planner`) with `settings` over its defaults,
-    every `auto` (-1) resolved; refused with one line if it cannot be honoured."""
+    every `auto` (-1) resolved but the MLP tile of a profile that sizes it by the model's MLP
+    width (`prepare` resolves it); refused with one line if it cannot be honoured."""
     if profile not in ROWS and str(profile).endswith(".json") and os.path.isfile(profile):
         from lowmem.profile_file import read_profile
 
@@ -127,7 +128,7 @@ def _take_over(prepared: torch.nn.Module, cfg: Techniques) -> torch.nn.Module:
     hf = base_model(prepared)
     hf.forward = _loss_forward(hf, cfg)
     prepared.__class__ = _prepared_class(type(prepared))
-    prepared.lowmem_config = cfg
+    prepared.lowmem_config = cfg.resolved(mlp_width=mlp_width(hf.config))
     return prepared
 
 

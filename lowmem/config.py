@@ -42,8 +42,9 @@ class Profile:
     """Techniques enabled (STACK names, plus the beyond-the-paper fused_loss, fused_norm)."""
     dequant_rows: Callable[[int], int] = lambda seq_len: 0
     """Output rows of a quantized layer dequantized at a time, from T (0 = the whole matrix)."""
-    mlp_tile: int = 0
-    """Tokens per MLP tile (0 = no tiling)."""
+    mlp_tile_elements: int = 0
+    """Elements of one T x F intermediate of an MLP tile: tokens per tile = this // F, the MLP's
+    width (0 = no tiling)."""
     prefetch: bool = True
     """Read layer i - 1's input and weights while layer i runs backward."""
     attention_block: Callable[[int], int] = lambda seq_len: 0
@@ -82,11 +83,16 @@ PROFILES: dict[str, Profile] = {
 # of the MLP-first backward it gains nothing at 2048 and 1.631 -> 1.508 GiB at 16384
 # (results/raw/block_attention/, experiments/LOG.md)
 ROWS_BLOCK, ROWS_FROM = 512, 4096
+# An MLP tile holds a few tile x F intermediates; it is sized by their bytes, not by tokens: 256
+# tokens on Llama-3.2 3B (F = 8192), 190 on Qwen-2.5 3B (11008), 1365 on SmolLM2-135M (1536),
+# where 256 tokens would expand each MLP weight four times as often at 1024 tokens for nothing
+# (experiments/LOG.md, session 18)
+MLP_TILE_ELEMENTS = 256 * 8192
 PROFILES["best"] = Profile(
     "lowmem best (exact loss)",
     ("lora", "quantize", "checkpoint", "logits_mask", "fused_loss", "fused_norm"),
     dequant_rows=lambda seq_len: max(1024, seq_len // 8),
-    mlp_tile=256,
+    mlp_tile_elements=MLP_TILE_ELEMENTS,
     prefetch=False,
     attention_block=lambda seq_len: 0,
     attention_rows=lambda seq_len: ROWS_BLOCK if seq_len >= ROWS_FROM else 0,
@@ -213,14 +219,21 @@ class Techniques:
         block = self.kernels.attention_block
         return block if block >= 0 else self.profile.attention_block(seq_len)
 
-    def _mlp_tile(self) -> int:
-        return self.kernels.mlp_tile if self.kernels.mlp_tile >= 0 else self.profile.mlp_tile
+    def _mlp_tile(self, mlp_width: int | None = None) -> int:
+        """Explicit, or the profile's for an MLP of `mlp_width` (its intermediate size F); -1
+        where the profile tiles and F is not known yet (apply_stack knows it)."""
+        if self.kernels.mlp_tile >= 0:
+            return self.kernels.mlp_tile
+        elements = self.profile.mlp_tile_elements
+        if not elements:
+            return 0
+        return max(1, elements // mlp_width) if mlp_width else -1
 
     def _mlp_first(self, tile: int) -> str:
         """What checkpoint.mlp_first resolves to, given the resolved MLP tile."""
         first = self.checkpoint.mlp_first
         if first == "auto":
-            on = self.profile.mlp_first and tile > 0 and self.checkpoint.offload == "disk"
+            on = self.profile.mlp_first and tile != 0 and self.checkpoint.offload == "disk"
             first = "store" if on else "off"
         return first
 
@@ -237,21 +250,23 @@ class Techniques:
         """Whether `technique` is on in this row (PROFILES)."""
         return technique in self.profile.techniques
 
-    def resolved(self, seq_len: int | None = None):
+    def resolved(self, seq_len: int | None = None, mlp_width: int | None = None):
         """The same configuration with every `auto` setting replaced by what this row runs at
         `seq_len` tokens (best's dequantization chunk and attention block grow with it; the run's
-        own seq_len, or AUTO_SEQ_LEN for a configuration without one)."""
+        own seq_len, or AUTO_SEQ_LEN for a configuration without one) on a model whose MLP is
+        `mlp_width` wide (best's MLP tile; without it an auto tile stays -1)."""
         seq_len = seq_len or getattr(self, "seq_len", AUTO_SEQ_LEN)
         k, c, profile = self.kernels, self.checkpoint, self.profile
         block = self._attention_block(seq_len)
-        rows = self._attention_rows(seq_len, self._mlp_tile())
+        tile = self._mlp_tile(mlp_width)
+        rows = self._attention_rows(seq_len, tile)
         gqa = "native" if self.enabled("quantize") or block or rows else "repeat_kv"
         kernels = dataclasses.replace(
             k,
             dequant_chunk=k.dequant_chunk
             if k.dequant_chunk >= 0
             else profile.dequant_rows(seq_len),
-            mlp_tile=self._mlp_tile(),
+            mlp_tile=tile,
             gqa=k.gqa if k.gqa != "auto" else gqa,
             attention_block=block,
             attention_rows=rows,

@@ -47,7 +47,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from lowmem.attention import set_gqa
 from lowmem.config import Techniques
 from lowmem.converted import INDEX, MANIFEST, check_loadable, expected_tensors, unpacker
-from lowmem.models import ModelError, base_model, check_model_dir, read_config
+from lowmem.models import ModelError, base_model, check_model_dir, mlp_width, read_config
 from lowmem.quant_linear import apply_quantize
 from lowmem.quantize import QuantizedWeight, quantize
 from lowmem.stack import apply_after_quantize, apply_lora
@@ -102,7 +102,7 @@ def load_quantized(
     manifest = check_loadable(path, cfg)
     config = read_config(path)
     cfg.check_model(config.vocab_size)
-    cfg = cfg.resolved()
+    cfg = cfg.resolved(mlp_width=mlp_width(config))
     model = skeleton(config)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     with contextlib.ExitStack() as files:

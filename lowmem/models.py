@@ -109,6 +109,17 @@ def load_config(name: str) -> PretrainedConfig:
     return config
 
 
+def mlp_width(config: PretrainedConfig) -> int | None:
+    """The MLP's intermediate size F (what sizes best's MLP tiles), None where the config has
+    none."""
+    return getattr(config, "intermediate_size", None)
+
+
+def registered_mlp_width(name: str) -> int | None:
+    """mlp_width of a registered model's shipped config; None for any other name."""
+    return mlp_width(load_config(name)) if name in REGISTRY else None
+
+
 def build_model(
     name: str,
     init: str = "random",

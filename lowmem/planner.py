@@ -48,7 +48,7 @@ from pathlib import Path
 from lowmem import results
 from lowmem.config import StackConfig, describe
 from lowmem.loader import BLOCK_BYTES
-from lowmem.models import REGISTRY, get_spec, load_config
+from lowmem.models import REGISTRY, get_spec, load_config, registered_mlp_width
 from lowmem.profile_file import write_profile
 from lowmem.timemodel import TimeModel
 
@@ -297,7 +297,8 @@ def step_record(model: str, cfg: StackConfig, experiment: str = "planner") -> di
     path = results.record_path(experiment, results.run_id(model, cfg, "simulated"))
     if path.exists():
         record = json.loads(path.read_text())
-        ran = json.loads(json.dumps(cfg.resolved().to_dict()))  # tuples as the record has them
+        ran = cfg.resolved(mlp_width=registered_mlp_width(model)).to_dict()
+        ran = json.loads(json.dumps(ran))  # tuples as the record has them
         if record.get("resolved_config") == ran:
             return record
     what = f"{model} {describe(cfg)} at {cfg.seq_len} tokens"

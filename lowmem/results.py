@@ -123,13 +123,16 @@ def cell_record(
 ) -> dict:
     """A record of one run of `cfg` on `model`: what ran (configuration as given and resolved,
     weights, meter, device, environment) beside what it measured; `extra` adds fields."""
+    from lowmem.models import registered_mlp_width  # here: models imports transformers
+
     return {
         "run_id": run_id,
         "status": status,
         "model": model,
         "weights": weights,
         "config": cfg.to_dict(),
-        "resolved_config": cfg.resolved().to_dict(),  # what ran: no `auto` left
+        # what ran: no `auto` left
+        "resolved_config": cfg.resolved(mlp_width=registered_mlp_width(model)).to_dict(),
         "meter": meter,
         "device": device,
         "metrics": metrics,

@@ -31,7 +31,7 @@ from lowmem.attention import set_gqa
 from lowmem.checkpoint import apply_checkpoint
 from lowmem.config import StackConfig, Techniques
 from lowmem.fused_norm import apply_fused_norm
-from lowmem.models import check_architecture
+from lowmem.models import check_architecture, mlp_width
 from lowmem.quant_linear import apply_quantize
 from lowmem.rope import apply_per_head_rope
 from lowmem.tiled_mlp import apply_tiled_mlp
@@ -52,7 +52,7 @@ def apply_stack(
     """
     check_architecture(model.config)
     cfg.check_model(model.config.vocab_size)
-    cfg = cfg.resolved()
+    cfg = cfg.resolved(mlp_width=mlp_width(model.config))
     set_gqa(model, cfg.kernels.gqa, cfg.kernels.attention_block)
     if not cfg.enabled("lora"):
         for p in model.parameters():

@@ -9,9 +9,12 @@ rows are independent, the same result comes from tiles of t tokens:
     backward: per tile, recompute mlp(x[i:i+t]) with grad and back-propagate its slice of g
 
 Peak intermediates: 3 x t x F instead of 3 x T x F (t = 256 on Llama: 24 MiB), at the cost of
-one extra MLP forward per tile in backward. Exact up to the order of FP32 sums in the weight
-and input gradients (tests: rtol 1e-5); trainable (LoRA) parameters inside the MLP get their
-gradients summed over tiles.
+one extra MLP forward per tile in backward. `best` sizes t by F (`lowmem.config`,
+MLP_TILE_ELEMENTS): the same bytes on every model, and on a narrow MLP one tile where 256 tokens
+would expand each quantized MLP weight once per tile for nothing.
+
+Exact up to the order of FP32 sums in the weight and input gradients (tests: rtol 1e-5);
+trainable (LoRA) parameters inside the MLP get their gradients summed over tiles.
 
 In decoder layers whose MLP output only feeds the residual add (Llama, Qwen2, Mistral:
 `Architecture.mlp_feeds_residual_only` in `lowmem.architectures`) the post-attention

@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import lowmem
-from lowmem.config import ROWS
+from lowmem.config import MLP_TILE_ELEMENTS, ROWS
 from lowmem.loss import compute_loss
 from lowmem.memory import LiveStorageTracker, module_tensors
 from lowmem.models import build_model, count_parameters
@@ -166,7 +166,7 @@ def test_prepare_refuses_what_it_cannot_honour_in_one_line(tmp_path):
         lowmem.prepare(str(tmp_path / "missing"))
 
 
-def test_the_plan_has_no_auto_left():
+def test_the_plan_has_no_auto_left_but_the_tile_the_model_sizes():
     cfg = lowmem.plan("best")
     assert (
         cfg.kernels.dequant_chunk,
@@ -175,10 +175,14 @@ def test_the_plan_has_no_auto_left():
         cfg.kernels.gqa,
     ) == (
         1024,
-        256,
+        -1,
         0,
         "native",
     )
+    with tiny("best", offload="memory") as model:
+        ran = model.lowmem_config.to_dict()
+        assert ran["mlp_tile"] == MLP_TILE_ELEMENTS // model.config.intermediate_size
+        assert -1 not in ran.values() and "auto" not in ran.values()
     paper = lowmem.plan("checkpoint")
     assert (
         paper.kernels.dequant_chunk,

@@ -5,8 +5,9 @@ import sys
 import pytest
 
 from lowmem import bench, paper, results, tables
-from lowmem.config import StackConfig
+from lowmem.config import MLP_TILE_ELEMENTS, StackConfig
 from lowmem.grid import run_cells
+from lowmem.models import load_config
 
 # rows whose every cell is within +-10% of the paper (softmax_approx and logits_mask are not
 # yet: experiments/LOG.md)
@@ -42,7 +43,8 @@ def test_a_record_carries_the_configuration_that_ran_with_no_auto_left():
     record = bench.run_cell("tiny-llama", StackConfig(stack="best", seq_len=16384), "simulated")
     resolved = record["resolved_config"]
     assert record["config"]["dequant_chunk"] == -1 and record["config"]["gqa"] == "auto"
-    assert (resolved["dequant_chunk"], resolved["mlp_tile"]) == (2048, 256)
+    tile = MLP_TILE_ELEMENTS // load_config("tiny-llama").intermediate_size  # sized by F
+    assert (resolved["dequant_chunk"], resolved["mlp_tile"]) == (2048, tile)
     assert (resolved["offload_prefetch"], resolved["gqa"]) == (0, "native")
     assert -1 not in resolved.values() and "auto" not in resolved.values()
 
@@ -73,7 +75,7 @@ def test_table1_grid_reproduces_every_paper_cell_from_scratch(results_tmp):
 _SETUP_TRANSIENT = """
 import json, torch
 import lowmem.bench
-from lowmem.config import StackConfig
+from lowmem.config import MLP_TILE_ELEMENTS, StackConfig
 real_build = lowmem.bench.build_model
 def build_with_a_transient(*args, **kwargs):
     transient = torch.ones(100 * 2**20)  # 400 MiB, touched, then freed

@@ -105,7 +105,7 @@ def test_settings_are_sections_per_technique_and_flat_names_map_onto_them():
 def test_resolving_leaves_no_auto_and_follows_the_profile_data():
     from lowmem.config import PROFILES, Techniques
 
-    best = StackConfig("best", seq_len=16384).resolved()
+    best = StackConfig("best", seq_len=16384).resolved(mlp_width=8192)
     assert best.kernels.dequant_chunk == PROFILES["best"].dequant_rows(16384) == 2048
     assert (best.kernels.mlp_tile, best.checkpoint.offload_prefetch, best.kernels.gqa) == (
         256,
@@ -121,11 +121,29 @@ def test_resolving_leaves_no_auto_and_follows_the_profile_data():
     )
 
 
+def test_best_sizes_its_mlp_tile_by_the_mlp_width():
+    from lowmem.config import PROFILES
+
+    elements = PROFILES["best"].mlp_tile_elements
+    tiles = {
+        width: StackConfig("best").resolved(mlp_width=width).kernels.mlp_tile
+        for width in (1536, 8192, 11008, 4 * elements)
+    }
+    assert tiles == {1536: 1365, 8192: 256, 11008: 190, 4 * elements: 1}
+    assert all(t * w <= elements or t == 1 for w, t in tiles.items())
+    unknown = StackConfig("best").resolved()  # the width is not known: the tile stays auto
+    assert unknown.kernels.mlp_tile == -1 and unknown.checkpoint.mlp_first == "store"
+    explicit = StackConfig.from_flat("best", mlp_tile=64).resolved(mlp_width=8192)
+    assert explicit.kernels.mlp_tile == 64
+    assert StackConfig("checkpoint").resolved(mlp_width=8192).kernels.mlp_tile == 0
+
+
 def test_prepare_takes_a_section_whole_or_its_flat_settings():
     import lowmem
 
     whole = lowmem.plan("best", quant=lowmem.QuantSettings(bits=8, group_size=64))
     assert whole == lowmem.plan("best", quant_bits=8, quant_group_size=64)
-    assert whole.quant.bits == 8 and whole.kernels.mlp_tile == 256  # the rest: best's own
+    assert whole.quant.bits == 8 and whole.kernels.dequant_chunk == 1024  # the rest: best's own
+    assert whole.kernels.mlp_tile == -1  # sized by the model's MLP width in prepare
     with pytest.raises(ValueError, match="bad setting 'seq_len' \\(a benchmark input"):
         lowmem.plan("best", seq_len=128)
