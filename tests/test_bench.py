@@ -75,7 +75,7 @@ def test_table1_grid_reproduces_every_paper_cell_from_scratch(results_tmp):
 _SETUP_TRANSIENT = """
 import json, torch
 import lowmem.bench
-from lowmem.config import MLP_TILE_ELEMENTS, StackConfig
+from lowmem.config import StackConfig
 real_build = lowmem.bench.build_model
 def build_with_a_transient(*args, **kwargs):
     transient = torch.ones(100 * 2**20)  # 400 MiB, touched, then freed
