@@ -68,3 +68,27 @@ def test_best_steps_bit_identically_with_either_rope(model_name):
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref[name], rtol=0, atol=0, msg=name)
+
+
+def test_fake_rotary_holds_the_storages_of_the_real_one():
+    """Under fake tensors (the simulated meter) the per-head loops run one head: the tracker
+    sees the same peak, op, tensors and end state, forward and backward."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def traced(q, cos, sin, g):
+        tracker = LiveStorageTracker()
+        tracker.register([q, cos, sin, g])
+        with tracker:
+            out = rotary(q, cos, sin)
+            (grad,) = torch.autograd.grad(out, q, g)
+        return tracker.peak, tracker.peak_op, tracker.peak_tensors, tracker.live, grad.shape
+
+    q, cos, sin = _inputs(heads=6, t=64, d=32)
+    g = torch.randn(2, 6, 64, 32)
+    real = traced(q, cos, sin, g)
+    plain = q.detach()
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (plain, cos, sin, g)]
+        fake = traced(fakes[0].requires_grad_(True), *fakes[1:])
+    assert fake == real
+    assert real[0] > 4 * (2 * q.numel() + cos.numel() + sin.numel())  # temporaries were seen
