@@ -56,7 +56,6 @@ NF4 = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 INT4_LEVELS = tuple(float(code - 8) for code in range(16))  # symmetric INT4: level = code - 8
-NF4_ELEMENTS = 2**18  # codes expanded per index_select: the int32 index is at most 1 MiB
 
 
 @dataclass
@@ -258,7 +257,9 @@ def dequantize_rows(qw: QuantizedWeight, rows: torch.Tensor) -> torch.Tensor:
 
 def _expand(codes, scales, zeros, bits: int, group: int, codebook: str = "int") -> torch.Tensor:
     if is_fake(codes) and bits == 4 and zeros is None:
-        return _fake_expand_4bit(codes, codebook)
+        w = _fake_expand_4bit(codes, codebook)
+        _fp32(scales)  # what the scale multiply allocates (nothing for FP32 scales)
+        return w
     with torch.profiler.record_function("lowmem.dequantize"):  # attributes time in profiles
         if codebook == "nf4":
             return _expand_nf4(codes, scales, group)
@@ -267,24 +268,35 @@ def _expand(codes, scales, zeros, bits: int, group: int, codebook: str = "int") 
 
 def _fake_expand_4bit(codes: torch.Tensor, codebook: str) -> torch.Tensor:
     """Under the simulated meter (fake tensors, no values), the storages a symmetric 4-bit
-    expansion allocates, in its order, with 4 dispatches instead of ~12 (INT4: ~85 with the
-    loop): the FP32 output, then the int32 index of its first (largest) part, freed at once.
-    The parts' integer work, the gathers and the in-place scale multiply allocate nothing
-    (tests/test_quantize.py: the same peak, op, tensors and end state as the real expansion
-    under the tracker)."""
+    expansion allocates, in its order, with 4 dispatches instead of ~20: the FP32 output, then
+    the copy of the codes' last piece (int16 levels for INT4, the int32 index for NF4), freed at
+    once. Everything else works inside the output (tests/test_quantize.py: the same peak, op,
+    tensors and end state as the real expansion under the tracker)."""
     n_rows, n_bytes = codes.shape
     w = torch.empty(n_rows, 2 * n_bytes, dtype=torch.float32, device=codes.device)
-    flat = codes.reshape(-1)
-    flat[: _index_part(codebook, n_bytes, flat.numel())].to(torch.int32)
+    n = codes.numel()
+    done = sum(_tail_steps(n))
+    w.view(-1)[n + done :].view(torch.int16 if codebook == "int" else torch.int32).clone()
     return w
 
 
-def _index_part(codebook: str, n_bytes: int, n_codes: int) -> int:
-    """Code bytes per int32 index of a 4-bit expansion (of n_codes bytes, rows of n_bytes): NF4
-    as many whole rows as NF4_ELEMENTS holds (one at least), INT4 a quarter of the bytes."""
-    if codebook == "nf4":
-        return max(1, NF4_ELEMENTS // max(n_bytes, 1)) * max(n_bytes, 1)
-    return max(1, n_codes // _INT4_PARTS)
+# The integer work of a 4-bit expansion lives in its own output's second half (n code bytes
+# become 2n FP32 values, 8n bytes; one int32 per byte fills the last 4n): each step converts
+# at most half of the codes left, so its writes (8 bytes a code, from the front) end where the
+# unread tail (4 bytes a code, from byte 4n + 4 done) begins and never overlap it. The codes
+# left after the halving, at most 1/_TAIL_LAST of them (one at least), are converted from a
+# copy: the only transient, n / 16 bytes at most. Through a separate int32 index, a quarter of
+# the codes at a time (up to session 19), the transient was n bytes (experiments/LOG.md).
+_TAIL_LAST = 64
+
+
+def _tail_steps(n: int) -> list[int]:
+    """How many codes each step converts straight from the tail, in order (their sum < n)."""
+    steps, rest = [], n
+    while rest > max(1, n // _TAIL_LAST):
+        steps.append(rest // 2)
+        rest -= rest // 2
+    return steps
 
 
 def _pair_table(values: tuple[float, ...]) -> torch.Tensor:
@@ -299,30 +311,38 @@ _NF4_PAIRS = {torch.device("cpu"): _pair_table(NF4)}  # built once per device, o
 
 def _expand_nf4(codes, scales, group: int) -> torch.Tensor:
     """Each packed byte picks its two NF4 values at once from the 256-entry pair table, written
-    straight into the FP32 output; the int32 index covers NF4_ELEMENTS codes at a time, so the
-    transient is the output + at most 1 MiB. One 1536 x 576 piece on one CPU thread: 0.37 ms
-    (a 256 x 2 FP32 table gathered row by row, rebuilt each call: 1.1-1.3 ms;
-    experiments/quant_speed/expand_pieces.py, experiments/LOG.md, session 16). With 2**20
-    codes a call (4 MiB) Llama-3.2 3B `best` at 1024 tokens peaked 1.5% above INT4."""
+    straight into the FP32 output from an int32 index held in the output's own tail
+    (_tail_steps): the transient is at most n / 16 bytes for n code bytes (a 256 x 2 FP32 table
+    gathered row by row, rebuilt each call, was 3x slower; experiments/LOG.md, session 16)."""
     n_rows, n_bytes = codes.shape
     w = torch.empty(n_rows, n_bytes * 2, dtype=torch.float32, device=codes.device)
-    flat, out = codes.reshape(-1), w.view(-1).view(torch.int64)
-    step = _index_part("nf4", n_bytes, flat.numel())
+    n, flat = codes.numel(), w.view(-1)
+    out, index = flat.view(torch.int64), flat[n:].view(torch.int32)
+    index.copy_(codes.reshape(-1))
     pairs = _NF4_PAIRS.get(codes.device)
     if pairs is None:
         pairs = _NF4_PAIRS[codes.device] = _NF4_PAIRS[torch.device("cpu")].to(codes.device)
-    for a in range(0, flat.numel(), step):
-        torch.index_select(pairs, 0, flat[a : a + step].to(torch.int32), out=out[a : a + step])
-    w = w.view(n_rows, -1, group)
-    w.mul_(scales[..., None])
-    return w.view(n_rows, -1)
+    done = 0
+    for k in _tail_steps(n):
+        torch.index_select(pairs, 0, index[done : done + k], out=out[done : done + k])
+        done += k
+    torch.index_select(pairs, 0, index[done:].clone(), out=out[done:])
+    w.view(n_rows, -1, group).mul_(_fp32(scales)[..., None])
+    return w
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """FP16 scales or zeros as the FP32 copy that an in-place multiply of FP32 weights makes of
+    them anyway (inside the kernel, where the tracker cannot see it: experiments/LOG.md, session
+    20); FP32 ones as they are."""
+    return t.to(torch.float32)
 
 
 def _expand_codes(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
     n_rows = codes.shape[0]
     if bits == 4 and zeros is None:
         w = _expand_int4_symmetric(codes)
-        w.view(n_rows, -1, group).mul_(scales[..., None])
+        w.view(n_rows, -1, group).mul_(_fp32(scales)[..., None])
         return w
     if bits == 4:  # each nibble written straight into the FP32 buffer (one half-size temporary)
         w = torch.empty(*codes.shape, 2, dtype=torch.float32, device=codes.device)
@@ -331,8 +351,8 @@ def _expand_codes(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
     else:
         w = codes.to(torch.float32)
     w = w.reshape(n_rows, -1, group)  # the one FP32 copy; edited in place
-    w.sub_(zeros[..., None] if zeros is not None else 2 ** (bits - 1))
-    w.mul_(scales[..., None])
+    w.sub_(_fp32(zeros)[..., None] if zeros is not None else 2 ** (bits - 1))
+    w.mul_(_fp32(scales)[..., None])
     return w.reshape(n_rows, -1)
 
 
@@ -341,23 +361,24 @@ def _expand_codes(codes, scales, zeros, bits: int, group: int) -> torch.Tensor:
 # lo ^ 8 is the top nibble of the low int16 half and hi ^ 8 the top nibble of the high one; an
 # arithmetic shift of each half by 12 leaves lo - 8 and hi - 8, little-endian in code order.
 _SPREAD = 2**12 + 2**24
-_INT4_PARTS = 4  # int32 index of a quarter of the codes: as many bytes as the codes themselves
 
 
 def _expand_int4_symmetric(codes: torch.Tensor) -> torch.Tensor:
     """The levels (-8..7, FP32, code order) of packed symmetric INT4 codes, n_rows x 2 n_bytes.
 
-    Integer work on a quarter of the code bytes at a time, then one contiguous conversion: about
-    twice as fast on CPU as writing each nibble into every other FP32 element (a strided copy),
-    with the same transient (the output + at most as many bytes as the codes)."""
+    Integer work on all the code bytes at once in the output's tail (_tail_steps), then
+    contiguous conversions forward: about twice as fast on CPU as writing each nibble into every
+    other FP32 element (a strided copy), with a transient of at most n / 16 bytes."""
     n_rows, n_bytes = codes.shape
     w = torch.empty(n_rows, 2 * n_bytes, dtype=torch.float32, device=codes.device)
-    flat, out = codes.reshape(-1), w.view(-1)
-    step = _index_part("int", n_bytes, flat.numel())
-    for a in range(0, flat.numel(), step):
-        x = flat[a : a + step].to(torch.int32)
-        x.bitwise_xor_(0x88).mul_(_SPREAD)
-        halves = x.view(torch.int16).bitwise_right_shift_(12)
-        out[2 * a : 2 * a + halves.numel()].copy_(halves)
-        del x, halves
+    n, out = codes.numel(), w.view(-1)
+    spread = out[n:].view(torch.int32)
+    spread.copy_(codes.reshape(-1))
+    spread.bitwise_xor_(0x88).mul_(_SPREAD)
+    levels = spread.view(torch.int16).bitwise_right_shift_(12)  # 2n levels, code order
+    done = 0
+    for k in _tail_steps(n):
+        out[2 * done : 2 * (done + k)].copy_(levels[2 * done : 2 * (done + k)])
+        done += k
+    out[2 * done :].copy_(levels[2 * done :].clone())
     return w

@@ -113,11 +113,12 @@ def test_the_fp32_weight_lives_only_during_its_matmul():
         tracker.mark("backward")
         y.backward(grad_y)
     y_bytes, w_fp32, code_bytes = 4 * n * d_out, 4 * d_out * d_in, d_out * d_in // 2
-    # forward and backward each peak while the FP32 weight is being filled: the weight plus
-    # a transient as large as the packed codes (int32 work on a quarter of them at a time)
-    assert tracker.phase_peaks["forward"] - resident == w_fp32 + code_bytes
+    # forward peaks while the FP32 weight is being filled: the weight plus a transient of 1/16
+    # of the packed codes (the integer work runs inside the weight's own buffer; the last 1/64
+    # of the codes, 4 bytes each, goes through a copy); backward while it gives x's gradient
+    assert tracker.phase_peaks["forward"] - resident == w_fp32 + code_bytes // 16
     assert after_forward - resident == y_bytes  # nothing FP32 is kept for backward
-    assert tracker.phase_peaks["backward"] - after_forward == w_fp32 + code_bytes
+    assert tracker.phase_peaks["backward"] - after_forward == w_fp32 + 4 * n * d_in
 
 
 @pytest.mark.parametrize("shape", [(16, 32), (3, 10), (1, 2), (7, 6)], ids=str)
@@ -304,10 +305,7 @@ def test_nf4_dequantized_weights_equal_the_reference_within_half_a_gap(group):
     assert float((deq - w).norm() / w.norm()) < rel_error(w, 4, group, True)  # beats INT4 here
 
 
-def test_nf4_rows_and_lookups_equal_the_whole_matrix(monkeypatch):
-    import lowmem.quantize as quantize_module
-
-    monkeypatch.setattr(quantize_module, "NF4_ELEMENTS", 100)  # several index chunks per call
+def test_nf4_rows_and_lookups_equal_the_whole_matrix():
     w = torch.randn(40, 64)
     q = quantize(w, 4, 32, codebook="nf4")
     whole = dequantize(q)
@@ -407,15 +405,14 @@ def test_scale_search_is_refused_without_a_symmetric_format():
     "shape, group", [((5, 64), 32), ((3, 96), 0), ((7, 256), 128), ((1, 2), 0), ((4, 48), 16)]
 )
 def test_packed_4bit_expansion_is_value_of_nibble_times_scale_bit_for_bit(
-    codebook, shape, group, scale_dtype, monkeypatch
+    codebook, shape, group, scale_dtype
 ):
     """Each weight is one FP32 product, table value of its nibble x its group's scale, as the
     plain reference computes it: every byte value, odd row counts, one group per row (group 0),
-    rows gathered (an embedding lookup), FP32 or FP16 scales, several NF4 index chunks a call,
-    and denormals flushed (the NF4 pairs move as integers, never as floats)."""
+    rows gathered (an embedding lookup), FP32 or FP16 scales, and denormals flushed (the NF4
+    pairs move as integers, never as floats)."""
     import lowmem.quantize as quantize_module
 
-    monkeypatch.setattr(quantize_module, "NF4_ELEMENTS", 100)
     torch.manual_seed(0)
     qw = with_scale_dtype(quantize(torch.randn(*shape), 4, group, codebook=codebook), scale_dtype)
     if qw.codes.numel() >= 256:
@@ -434,10 +431,13 @@ def test_packed_4bit_expansion_is_value_of_nibble_times_scale_bit_for_bit(
 
 @pytest.mark.parametrize("shape, group", [((256, 3072), 32), ((3, 10), 0), ((7, 48), 16)])
 @pytest.mark.parametrize("codebook", ["int", "nf4"])
-def test_fake_4bit_expansion_holds_the_storages_of_the_real_one(shape, group, codebook):
-    """Under fake tensors (the simulated meter) the 4-bit expansion skips its integer loop (INT4)
-    or its gathers (NF4) but allocates what they do: the tracker sees the same peak, op, tensors
-    and end state."""
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_fake_4bit_expansion_holds_the_storages_of_the_real_one(
+    shape, group, codebook, scale_dtype
+):
+    """Under fake tensors (the simulated meter) the 4-bit expansion skips its integer work (INT4)
+    or its gathers (NF4) and the scale multiply but allocates what they do: the tracker sees the
+    same peak, op, tensors and end state, FP16 scales' FP32 copy included."""
 
     def traced(codes, scales):
         tracker = LiveStorageTracker()
@@ -449,14 +449,17 @@ def test_fake_4bit_expansion_holds_the_storages_of_the_real_one(shape, group, co
         return summary, tuple(w.shape)
 
     codes = torch.zeros(shape[0], shape[1] // 2, dtype=torch.uint8)
-    scales = torch.ones(shape[0], shape[1] // (group or shape[1]))
+    scales = torch.ones(shape[0], shape[1] // (group or shape[1]), dtype=scale_dtype)
     real = traced(codes, scales)
     with FakeTensorMode() as mode:
         fake = traced(mode.from_tensor(codes), mode.from_tensor(scales))
     assert fake == real
-    n_bytes = shape[1]  # two rows' codes; the int32 copy of a quarter of them (INT4) at a time,
-    index = n_bytes // 4 if codebook == "int" else n_bytes  # or of NF4_ELEMENTS codes (NF4)
-    assert real[0][0] == 4 * 2 * shape[1] + 4 * index + codes.nbytes + scales.nbytes
+    # two rows' codes: 8 bytes of output each, and a transient: 4 bytes for at most 1/64 of
+    # them (one at least), or with FP16 scales their FP32 copy if that is larger
+    n_bytes = shape[1]
+    transient = real[0][0] - (8 * n_bytes + codes.nbytes + scales.nbytes)
+    fp32_scales = 4 * 2 * scales.shape[1] if scale_dtype == torch.float16 else 0
+    assert 0 < transient <= max(4 * max(1, n_bytes // 64), fp32_scales)
 
 
 @pytest.mark.parametrize("codebook", ["int", "nf4"])
