@@ -38,6 +38,7 @@ an INT4 step (tests hold it to that). Expanded in FP32 as before.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -275,8 +276,8 @@ def _fake_expand_4bit(codes: torch.Tensor, codebook: str) -> torch.Tensor:
     n_rows, n_bytes = codes.shape
     w = torch.empty(n_rows, 2 * n_bytes, dtype=torch.float32, device=codes.device)
     n = codes.numel()
-    done = sum(_tail_steps(n))
-    w.view(-1)[n + done :].view(torch.int16 if codebook == "int" else torch.int32).clone()
+    last = _tail_bounds(n)[-1]
+    w.view(-1)[n + last :].view(torch.int16 if codebook == "int" else torch.int32).clone()
     return w
 
 
@@ -290,13 +291,13 @@ def _fake_expand_4bit(codes: torch.Tensor, codebook: str) -> torch.Tensor:
 _TAIL_LAST = 64
 
 
-def _tail_steps(n: int) -> list[int]:
-    """How many codes each step converts straight from the tail, in order (their sum < n)."""
-    steps, rest = [], n
-    while rest > max(1, n // _TAIL_LAST):
-        steps.append(rest // 2)
-        rest -= rest // 2
-    return steps
+def _tail_bounds(n: int) -> list[int]:
+    """[0, b1, ..., last]: each step converts codes b_i..b_i+1 straight from the tail; the codes
+    from `last` on (at most n // _TAIL_LAST, one at least) go through a copy."""
+    bounds = [0]
+    while n - bounds[-1] > max(1, n // _TAIL_LAST):
+        bounds.append(bounds[-1] + (n - bounds[-1]) // 2)
+    return bounds
 
 
 def _pair_table(values: tuple[float, ...]) -> torch.Tensor:
@@ -312,7 +313,7 @@ _NF4_PAIRS = {torch.device("cpu"): _pair_table(NF4)}  # built once per device, o
 def _expand_nf4(codes, scales, group: int) -> torch.Tensor:
     """Each packed byte picks its two NF4 values at once from the 256-entry pair table, written
     straight into the FP32 output from an int32 index held in the output's own tail
-    (_tail_steps): the transient is at most n / 16 bytes for n code bytes (a 256 x 2 FP32 table
+    (_tail_bounds): the transient is at most n / 16 bytes for n code bytes (a 256 x 2 FP32 table
     gathered row by row, rebuilt each call, was 3x slower; experiments/LOG.md, session 16)."""
     n_rows, n_bytes = codes.shape
     w = torch.empty(n_rows, n_bytes * 2, dtype=torch.float32, device=codes.device)
@@ -322,11 +323,10 @@ def _expand_nf4(codes, scales, group: int) -> torch.Tensor:
     pairs = _NF4_PAIRS.get(codes.device)
     if pairs is None:
         pairs = _NF4_PAIRS[codes.device] = _NF4_PAIRS[torch.device("cpu")].to(codes.device)
-    done = 0
-    for k in _tail_steps(n):
-        torch.index_select(pairs, 0, index[done : done + k], out=out[done : done + k])
-        done += k
-    torch.index_select(pairs, 0, index[done:].clone(), out=out[done:])
+    bounds = _tail_bounds(n)
+    for a, b in itertools.pairwise(bounds):
+        torch.index_select(pairs, 0, index[a:b], out=out[a:b])
+    torch.index_select(pairs, 0, index[bounds[-1] :].clone(), out=out[bounds[-1] :])
     w.view(n_rows, -1, group).mul_(_fp32(scales)[..., None])
     return w
 
@@ -366,7 +366,7 @@ _SPREAD = 2**12 + 2**24
 def _expand_int4_symmetric(codes: torch.Tensor) -> torch.Tensor:
     """The levels (-8..7, FP32, code order) of packed symmetric INT4 codes, n_rows x 2 n_bytes.
 
-    Integer work on all the code bytes at once in the output's tail (_tail_steps), then
+    Integer work on all the code bytes at once in the output's tail (_tail_bounds), then
     contiguous conversions forward: about twice as fast on CPU as writing each nibble into every
     other FP32 element (a strided copy), with a transient of at most n / 16 bytes."""
     n_rows, n_bytes = codes.shape
@@ -376,9 +376,8 @@ def _expand_int4_symmetric(codes: torch.Tensor) -> torch.Tensor:
     spread.copy_(codes.reshape(-1))
     spread.bitwise_xor_(0x88).mul_(_SPREAD)
     levels = spread.view(torch.int16).bitwise_right_shift_(12)  # 2n levels, code order
-    done = 0
-    for k in _tail_steps(n):
-        out[2 * done : 2 * (done + k)].copy_(levels[2 * done : 2 * (done + k)])
-        done += k
-    out[2 * done :].copy_(levels[2 * done :].clone())
+    bounds = _tail_bounds(n)
+    for a, b in itertools.pairwise(bounds):
+        out[2 * a : 2 * b].copy_(levels[2 * a : 2 * b])
+    out[2 * bounds[-1] :].copy_(levels[2 * bounds[-1] :].clone())
     return w
