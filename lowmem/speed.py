@@ -4,11 +4,13 @@
 steps on the same benchmark batch, and reports the median step time of each row relative to the
 first (e.g. `+ Quantization` relative to `+ LoRA`). One extra profiled step per row attributes
 time to the regions lowmem names with `torch.profiler.record_function` (e.g.
-"lowmem.dequantize"), so a record says whether dequantization dominates.
+"lowmem.dequantize"), so a record says whether dequantization dominates. `paired` compares two
+rows timed in the same rounds (experiments/peers/speed.py) round by round.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -23,6 +25,30 @@ from lowmem.models import build_model
 from lowmem.stack import apply_stack, benchmark_batch
 
 REGIONS = ("lowmem.dequantize",)
+
+
+def paired(steps_s: list[float], reference_s: list[float]) -> dict:
+    """A row's step times against a reference's from the same rounds (interleaved runs): the
+    per-round ratios, their median, in how many rounds the row was slower, and the two-sided
+    exact sign test's p-value for "neither is faster" (small: one is faster in most rounds;
+    a tie counts for neither). Per-round ratios cancel the drift that both rows of a round
+    share, which min and median of each row alone do not."""
+    if len(steps_s) != len(reference_s) or not steps_s:
+        raise ValueError(
+            f"bad rounds: {len(steps_s)} step times against {len(reference_s)} of the "
+            "reference; need the same number, at least one"
+        )
+    ratios = [t / r for t, r in zip(steps_s, reference_s, strict=True)]
+    slower = sum(x > 1 for x in ratios)
+    decided = slower + sum(x < 1 for x in ratios)
+    tail = sum(math.comb(decided, k) for k in range(min(slower, decided - slower) + 1))
+    return {
+        "ratios": ratios,
+        "median": statistics.median(ratios),
+        "slower_in": slower,
+        "rounds": len(ratios),
+        "sign_test_p": min(1.0, 2 * tail / 2**decided),
+    }
 
 
 def time_stacks(model_name: str, cfgs: list[StackConfig], steps: int = 3, warmup: int = 1) -> dict:

@@ -6,7 +6,9 @@ also compiles CCE's `torch_compile` implementation) and `--repeats` timed rounds
 every row's forward + loss + backward once, the order rotated by one row each round, so that no
 row always runs first or after the same neighbour. The peers use real bitsandbytes (loaded with
 `from_pretrained(quantization_config=...)`) and CCE compiled, as a user would run them. Reports
-each row's min and median, and both relative to `best`. One record per context length:
+each row's min and median, both relative to `best`, and its step time against `best`'s round
+by round (`rounds_vs_best`: per-round ratios, their median, rounds slower, the exact sign
+test's p-value; `lowmem.speed.paired`). One record per context length:
 results/raw/peers/smollm2-135m__speed__T<seq_len>__cpu.json.
 
     OMP_NUM_THREADS=1 python experiments/peers/speed.py [--seq-len 256 1024] [--repeats 3]
@@ -30,6 +32,7 @@ from lowmem.config import parse_spec
 from lowmem.loss import compute_loss
 from lowmem.models import build_model
 from lowmem.peers import PEERS, PeerConfig, build_peer, peer_loss
+from lowmem.speed import paired
 from lowmem.stack import apply_stack, benchmark_batch
 
 EXPERIMENT = "peers"
@@ -85,9 +88,10 @@ def time_rows(rows: tuple[str, ...], seq_len: int, repeats: int) -> dict:
         for row, t in times.items()
     }
     if "best" in out:
-        for row in out.values():
+        for name, row in out.items():
             row["min_vs_best"] = row["min_s"] / out["best"]["min_s"]
             row["median_vs_best"] = row["median_s"] / out["best"]["median_s"]
+            row["rounds_vs_best"] = paired(times[name], times["best"])
     return {"rows": out, "orders": orders}
 
 
