@@ -7,7 +7,10 @@ One interface (`put`, `prefetch`, `get`, `close`), three backends:
   run on a background thread so compute continues; `prefetch` starts a read early (backward
   asks for the next entries in reverse order); an entry read with `keep=False` is deleted as it
   is consumed. Buffers for reads are allocated on the caller's thread, so a memory meter sees
-  them; the worker only fills them.
+  them; the worker only fills them. The store writes the files itself (the safetensors
+  layout, each tensor's memory written as it is, where `safetensors.torch.save_file` first
+  copies it to bytes) and keeps each entry's layout, so a read opens its file once and parses
+  no header.
 - `SimulatedStore` keeps only shapes and dtypes (the `simulated` meter has no data to write);
   `get` hands back new empty (fake) tensors of the same shape.
 
@@ -41,7 +44,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 OFFLOADS = ("memory", "disk")
 _PREFIX = "lowmem-run-"
@@ -55,7 +57,10 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
 Entry = dict[str, torch.Tensor]
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]  # name: dtype, shape, bytes
 
 
 class OffloadError(RuntimeError, ValueError):
@@ -141,6 +146,7 @@ class DiskStore:
         self._writes: dict[str, Future] = {}
         self._reads: dict[str, tuple[Entry, Future]] = {}
         self._devices: dict[str, dict[str, torch.device]] = {}
+        self._layouts: dict[str, Layout] = {}
         self.stats = {"bytes_written": 0, "bytes_read": 0, "io_wait_s": 0.0}
 
     def put(self, key: str, entry: Entry) -> None:
@@ -154,14 +160,15 @@ class DiskStore:
         # files hold host copies; `get` moves each tensor back to the device it came from
         self._devices[key] = {k: t.device for k, t in entry.items()}
         tensors = {k: t.detach().contiguous().cpu() for k, t in entry.items()}
+        header, self._layouts[key] = _layout(tensors)
         self.stats["bytes_written"] += need
         if self.async_writes:
-            self._writes[key] = self._pool.submit(save_file, tensors, str(self._path(key)))
+            self._writes[key] = self._pool.submit(_write, self._path(key), header, tensors)
             return
         # on this thread: the tensors are released before put() returns, deterministically
         done: Future = Future()
         try:
-            save_file(tensors, str(self._path(key)))
+            _write(self._path(key), header, tensors)
             done.set_result(None)
         except OSError as err:
             raise OffloadError(f"offload I/O failed in {self.dir}: {err}") from err
@@ -175,12 +182,12 @@ class DiskStore:
             return
         write = self._writes[key]
         self._wait(write)  # a read can only start once its file is complete
-        header, offset = _read_header(self._path(key))
-        entry = {k: torch.empty(v["shape"], dtype=_DTYPES[v["dtype"]]) for k, v in header.items()}
+        layout = self._layouts[key]
+        entry = {k: torch.empty(shape, dtype=dtype) for k, (dtype, shape, _, _) in layout.items()}
         if background:
-            read = self._pool.submit(_fill, self._path(key), header, offset, entry)
+            read = self._pool.submit(_fill, self._path(key), layout, entry)
         else:
-            _fill(self._path(key), header, offset, entry)
+            _fill(self._path(key), layout, entry)
             read = Future()
             read.set_result(None)
         self._reads[key] = (entry, read)
@@ -196,7 +203,7 @@ class DiskStore:
         self.stats["bytes_read"] += _nbytes(entry)
         devices = self._devices[key]
         if not keep:
-            del self._writes[key], self._devices[key]
+            del self._writes[key], self._devices[key], self._layouts[key]
             self._path(key).unlink()
         return {k: t.to(devices[k]) for k, t in entry.items()}  # a no-op on the CPU
 
@@ -213,6 +220,7 @@ class DiskStore:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._writes.clear()
         self._reads.clear()
+        self._layouts.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _path(self, key: str) -> Path:
@@ -325,22 +333,44 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
+def _layout(tensors: Entry) -> tuple[bytes, Layout]:
+    """The safetensors header of `tensors` (in their order, back to back) and where each one's
+    bytes lie in the file."""
+    header, spans, begin = {}, {}, 0
+    for name, t in tensors.items():
+        end = begin + t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [begin, end],
+        }
+        spans[name] = (t.dtype, tuple(t.shape), begin, end)
+        begin = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    start = 8 + len(text)
+    layout = {k: (dtype, shape, start + b, start + e) for k, (dtype, shape, b, e) in spans.items()}
+    return struct.pack("<Q", len(text)) + text, layout
 
 
-def _fill(path: Path, header: dict, offset: int, entry: Entry) -> None:
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory as bytes, without a copy."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+def _write(path: Path, header: bytes, tensors: Entry) -> None:
+    with open(path, "wb") as f:
+        f.write(header)
+        for t in tensors.values():
+            f.write(_bytes(t))
+
+
+def _fill(path: Path, layout: Layout, entry: Entry) -> None:
     """Read each tensor's bytes straight into its preallocated buffer."""
-    with open(path, "rb") as f:
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            f.seek(offset + begin)
-            view = entry[name].view(-1).view(torch.uint8).numpy()
-            if f.readinto(memoryview(view)) != end - begin:
+    with open(path, "rb", buffering=0) as f:
+        for name, (_, _, begin, end) in layout.items():
+            f.seek(begin)
+            if f.readinto(_bytes(entry[name])) != end - begin:
                 raise OSError(f"{path}: short read for {name}")
 
 

@@ -44,6 +44,32 @@ def test_disk_store_round_trips_and_deletes_files_as_they_are_consumed(tmp_path,
     assert not store.dir.exists()
 
 
+def test_disk_store_files_are_safetensors_for_every_dtype_and_shape(tmp_path):
+    """The store writes its files itself; safetensors must read them back as they were put."""
+    entry = {
+        "z": torch.randn(2, 3, 4),
+        "h": torch.randn(5).half(),
+        "b": torch.randn(3, 1).bfloat16(),
+        "ids": torch.arange(7, dtype=torch.int64),
+        "i32": torch.arange(-3, 3, dtype=torch.int32).reshape(2, 3),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 4),
+        "odd": torch.randint(0, 255, (3,), dtype=torch.uint8),  # 3 bytes: later data unaligned
+        "t": torch.randn(4, 3).T,  # not contiguous
+    }
+    store = DiskStore(tmp_path)
+    store.put("e", entry)
+    store.flush()
+    on_disk = load_file(store.dir / "e.safetensors")
+    got = store.get("e", keep=True)
+    for name, t in entry.items():
+        for other in (on_disk[name], got[name]):
+            assert other.dtype == t.dtype and other.shape == t.shape, name
+            assert torch.equal(other, t), name
+    store.close()
+
+
 def test_memory_and_simulated_stores_keep_what_they_promise():
     e = _entry()
     mem = MemoryStore()
