@@ -186,10 +186,13 @@ class DiskStore:
         entry = {k: torch.empty(shape, dtype=dtype) for k, (dtype, shape, _, _) in layout.items()}
         if background:
             read = self._pool.submit(_fill, self._path(key), layout, entry)
-        else:
-            _fill(self._path(key), layout, entry)
+        else:  # a failure is raised by `get`, as one on the worker would be
             read = Future()
-            read.set_result(None)
+            try:
+                _fill(self._path(key), layout, entry)
+                read.set_result(None)
+            except OSError as err:
+                read.set_exception(err)
         self._reads[key] = (entry, read)
 
     def get(self, key: str, keep: bool = False) -> Entry:

@@ -205,3 +205,15 @@ def test_clean_removes_dead_runs_and_says_what_it_freed(tmp_path, run_dirs, caps
 def test_bad_offload_target_is_refused():
     with pytest.raises(ValueError, match="bad offload='ssd'"):
         offload.make_store("ssd", "cpu")
+
+
+@pytest.mark.parametrize("async_writes", [True, False])
+def test_a_file_cut_short_on_disk_is_refused_with_the_store_and_the_tensor(tmp_path, async_writes):
+    store = DiskStore(tmp_path, async_writes=async_writes)
+    store.put("a", _entry())
+    store.flush()
+    path = store.dir / "a.safetensors"
+    os.truncate(path, path.stat().st_size - 4)  # the last tensor loses its last 4 bytes
+    with pytest.raises(OffloadError, match=f"{store.dir}.*short read for codes"):
+        store.get("a")
+    store.close()
