@@ -47,16 +47,18 @@ import torch
 
 OFFLOADS = ("memory", "disk")
 _PREFIX = "lowmem-run-"
-_DTYPES = {
+_DTYPES = {  # safetensors' names of the dtypes a store entry may hold
     "U8": torch.uint8,
-    "F32": torch.float32,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
+    "F32": torch.float32,
+    "F64": torch.float64,
     "BOOL": torch.bool,
 }
-
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 Entry = dict[str, torch.Tensor]
@@ -158,9 +160,9 @@ class DiskStore:
                 f"{free} are free; pass another offload_dir"
             )
         # files hold host copies; `get` moves each tensor back to the device it came from
-        self._devices[key] = {k: t.device for k, t in entry.items()}
         tensors = {k: t.detach().contiguous().cpu() for k, t in entry.items()}
-        header, self._layouts[key] = _layout(tensors)
+        header, self._layouts[key] = _layout(tensors)  # refuses a dtype before anything is kept
+        self._devices[key] = {k: t.device for k, t in entry.items()}
         self.stats["bytes_written"] += need
         if self.async_writes:
             self._writes[key] = self._pool.submit(_write, self._path(key), header, tensors)
@@ -341,6 +343,11 @@ def _layout(tensors: Entry) -> tuple[bytes, Layout]:
     bytes lie in the file."""
     header, spans, begin = {}, {}, 0
     for name, t in tensors.items():
+        if t.dtype not in _NAMES:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in _NAMES)
+            raise ValueError(
+                f"cannot offload {name!r} of dtype {t.dtype}: must be one of {allowed}"
+            )
         end = begin + t.numel() * t.element_size()
         header[name] = {
             "dtype": _NAMES[t.dtype],

@@ -56,6 +56,9 @@ def test_disk_store_files_are_safetensors_for_every_dtype_and_shape(tmp_path):
         "scalar": torch.tensor(2.5),
         "empty": torch.empty(0, 4),
         "odd": torch.randint(0, 255, (3,), dtype=torch.uint8),  # 3 bytes: later data unaligned
+        "i8": torch.tensor([-3, 7], dtype=torch.int8),
+        "i16": torch.tensor([-300, 7], dtype=torch.int16),
+        "f64": torch.randn(2, dtype=torch.float64),
         "t": torch.randn(4, 3).T,  # not contiguous
     }
     store = DiskStore(tmp_path)
@@ -67,6 +70,11 @@ def test_disk_store_files_are_safetensors_for_every_dtype_and_shape(tmp_path):
         for other in (on_disk[name], got[name]):
             assert other.dtype == t.dtype and other.shape == t.shape, name
             assert torch.equal(other, t), name
+    with pytest.raises(ValueError, match="cannot offload 'c' of dtype torch.complex64: must be"):
+        store.put("c", {"c": torch.zeros(2, dtype=torch.complex64)})
+    assert sorted(p.name for p in store.dir.iterdir()) == ["e.safetensors"]  # nothing written
+    with pytest.raises(KeyError, match="no entry 'c'"):  # and nothing kept
+        store.get("c")
     store.close()
 
 
