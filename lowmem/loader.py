@@ -51,19 +51,9 @@ from lowmem.models import ModelError, base_model, check_model_dir, mlp_width, re
 from lowmem.quant_linear import apply_quantize
 from lowmem.quantize import QuantizedWeight, quantize
 from lowmem.stack import apply_after_quantize, apply_lora
+from lowmem.tensor_files import DTYPES, pread_into
 
 DISK_DTYPES = ("BF16", "F16", "F32")  # as safetensors names them
-_TORCH_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "BOOL": torch.bool,
-}
 BLOCK_BYTES = 16 * 2**20  # FP32 rows quantized at a time
 
 
@@ -178,11 +168,11 @@ class Shards:
             a = 0 if start is None else min(max(start, 0), rows)
             b = rows if stop is None else min(max(stop, a), rows)
             out = torch.empty(row * (b - a), dtype=torch.uint8)
-            _pread_into(self._fds[file], out, begin + a * row)
+            pread_into(self._fds[file], out, begin + a * row)
         except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as err:
             raise ModelError(f"cannot read tensor {key!r} from {str(file)!r}: {err}") from err
         shape = (b - a, *shape[1:]) if shape and start is not None else tuple(shape)
-        return out.view(_TORCH_DTYPES[dtype]).reshape(shape)
+        return out.view(DTYPES[dtype]).reshape(shape)
 
     def view(self, key: str) -> torch.Tensor:
         """The tensor `key` viewed through safetensors' memory map: no copy; its pages become
@@ -266,16 +256,6 @@ def open_shards(
     shards = Shards(where, handles)
     files.callback(shards.close)
     return shards
-
-
-def _pread_into(fd: int, out: torch.Tensor, offset: int) -> None:
-    """Fill the uint8 tensor `out` from `fd` at `offset` (one call per 1 GiB at most)."""
-    view, done = memoryview(out.numpy()), 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done : done + 2**30]], offset + done)
-        if got == 0:
-            raise ValueError(f"the file ends {len(view) - done} bytes before the tensor does")
-        done += got
 
 
 def _rebuild_buffers(model: torch.nn.Module, config) -> None:

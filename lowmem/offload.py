@@ -45,24 +45,13 @@ from pathlib import Path
 
 import torch
 
+from lowmem.tensor_files import NAMES, as_bytes, pread_into
+
 OFFLOADS = ("memory", "disk")
 _PREFIX = "lowmem-run-"
-_DTYPES = {  # safetensors' names of the dtypes a store entry may hold
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "BOOL": torch.bool,
-}
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 Entry = dict[str, torch.Tensor]
-Layout = dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]  # name: dtype, shape, bytes
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...], int]]  # name: dtype, shape, file offset
 
 
 class OffloadError(RuntimeError, ValueError):
@@ -185,7 +174,7 @@ class DiskStore:
         write = self._writes[key]
         self._wait(write)  # a read can only start once its file is complete
         layout = self._layouts[key]
-        entry = {k: torch.empty(shape, dtype=dtype) for k, (dtype, shape, _, _) in layout.items()}
+        entry = {k: torch.empty(shape, dtype=dtype) for k, (dtype, shape, _) in layout.items()}
         if background:
             read = self._pool.submit(_fill, self._path(key), layout, entry)
         else:  # a failure is raised by `get`, as one on the worker would be
@@ -343,45 +332,44 @@ def _layout(tensors: Entry) -> tuple[bytes, Layout]:
     bytes lie in the file."""
     header, spans, begin = {}, {}, 0
     for name, t in tensors.items():
-        if t.dtype not in _NAMES:
-            allowed = ", ".join(str(d).removeprefix("torch.") for d in _NAMES)
+        if t.dtype not in NAMES:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in NAMES)
             raise ValueError(
                 f"cannot offload {name!r} of dtype {t.dtype}: must be one of {allowed}"
             )
         end = begin + t.numel() * t.element_size()
         header[name] = {
-            "dtype": _NAMES[t.dtype],
+            "dtype": NAMES[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [begin, end],
         }
-        spans[name] = (t.dtype, tuple(t.shape), begin, end)
+        spans[name] = (t.dtype, tuple(t.shape), begin)
         begin = end
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     start = 8 + len(text)
-    layout = {k: (dtype, shape, start + b, start + e) for k, (dtype, shape, b, e) in spans.items()}
+    layout = {k: (dtype, shape, start + b) for k, (dtype, shape, b) in spans.items()}
     return struct.pack("<Q", len(text)) + text, layout
-
-
-def _bytes(t: torch.Tensor) -> memoryview:
-    """A contiguous CPU tensor's memory as bytes, without a copy."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
 def _write(path: Path, header: bytes, tensors: Entry) -> None:
     with open(path, "wb") as f:
         f.write(header)
         for t in tensors.values():
-            f.write(_bytes(t))
+            f.write(as_bytes(t))
 
 
 def _fill(path: Path, layout: Layout, entry: Entry) -> None:
     """Read each tensor's bytes straight into its preallocated buffer."""
-    with open(path, "rb", buffering=0) as f:
-        for name, (_, _, begin, end) in layout.items():
-            f.seek(begin)
-            if f.readinto(_bytes(entry[name])) != end - begin:
-                raise OSError(f"{path}: short read for {name}")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, (_, _, begin) in layout.items():
+            try:
+                pread_into(fd, entry[name], begin)
+            except ValueError as err:
+                raise OSError(f"{path}: short read for {name}: {err}") from err
+    finally:
+        os.close(fd)
 
 
 def _nbytes(entry: Entry) -> int:
